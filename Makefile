@@ -1,0 +1,30 @@
+# Two commands for a new machine: `make demo` runs the demo training, `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A plain `pip install torch` fetches a multi-GB CUDA build; pin the CPU wheel instead.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.delve-installed
+
+.PHONY: install demo test lint clean
+
+$(STAMP): requirements/requirements.txt requirements/test.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -r requirements/requirements.txt -r requirements/test.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m delve demo runs/demo
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/python -m pytest -n 2 -q
+
+clean:
+	rm -rf runs .pytest_cache docs/_build

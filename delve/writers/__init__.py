@@ -1,0 +1,70 @@
+"""Writers: where the tracker's statistics go, and the registry of ``save_to`` keys."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from delve.metrics import STATMAP
+from delve.writers.base import AbstractWriter, CompositWriter
+from delve.writers.csv_writer import CSVWriter
+from delve.writers.print_writer import PrintWriter
+
+__all__ = [
+    "AbstractWriter",
+    "CSVWriter",
+    "CompositWriter",
+    "PrintWriter",
+    "STATMAP",
+    "WRITERS",
+    "build_writer",
+]
+
+#: ``save_to`` key -> writer class.
+WRITERS: Dict[str, type] = {
+    "csv": CSVWriter,
+    "print": PrintWriter,
+    "console": PrintWriter,
+}
+
+WriterSpec = Union[str, AbstractWriter, Sequence[Union[str, AbstractWriter]]]
+
+
+def _check_entry(entry) -> None:
+    if isinstance(entry, str):
+        if entry not in WRITERS:
+            raise ValueError(f"unknown writer {entry!r}; valid keys are {sorted(WRITERS)}")
+    elif not isinstance(entry, AbstractWriter):
+        raise TypeError(
+            f"save_to entries must be a key of {sorted(WRITERS)} or an AbstractWriter, "
+            f"got {type(entry).__name__}"
+        )
+
+
+def build_writer(save_to: WriterSpec, savepath: str, writer_args: Optional[Dict[str, Any]] = None) -> AbstractWriter:
+    """Make the writer ``save_to`` names; a list becomes a :class:`CompositWriter`.
+
+    Every argument of ``writer_args`` must be accepted by at least one of the writers
+    made from keys; each writer receives the arguments its constructor takes.
+    """
+    entries: List = list(save_to) if isinstance(save_to, (list, tuple)) else [save_to]
+    if not entries:
+        raise ValueError(f"save_to is empty; give at least one of {sorted(WRITERS)} or an AbstractWriter")
+    for entry in entries:
+        _check_entry(entry)
+    writer_args = dict(writer_args or {})
+    classes = [WRITERS[e] for e in entries if isinstance(e, str)]
+    accepted = {cls: set(inspect.signature(cls).parameters) for cls in classes}
+    unused = set(writer_args) - set().union(*accepted.values()) if classes else set(writer_args)
+    if unused:
+        valid = sorted(set().union(*accepted.values()) - {"savepath"}) if classes else []
+        raise ValueError(f"writer_args {sorted(unused)} are accepted by none of the writers; valid: {valid}")
+    writers = []
+    for entry in entries:
+        if isinstance(entry, str):
+            cls = WRITERS[entry]
+            kwargs = {k: v for k, v in writer_args.items() if k in accepted[cls]}
+            writers.append(cls(savepath=savepath, **kwargs))
+        else:
+            writers.append(entry)
+    return writers[0] if len(writers) == 1 else CompositWriter(writers)
