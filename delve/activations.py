@@ -46,6 +46,40 @@ def to_data_matrix(
         of the batch dimension it covers.
 
     """
+    rows, batch = to_data_rows(
+        module, output, conv_method, timeseries_method, interpolation_strategy, interpolation_downsampling, limit
+    )
+    return rows.reshape(-1, rows.shape[-1]), batch
+
+
+def to_data_rows(
+    module: nn.Module,
+    output,
+    conv_method: str = "channelwise",
+    timeseries_method: str = "last_timestep",
+    interpolation_strategy: Optional[str] = None,
+    interpolation_downsampling: int = 32,
+    limit: Optional[int] = None,
+) -> Tuple[torch.Tensor, int]:
+    """Return the rows of a layer's data matrix as a ``(..., features)`` tensor, without copying.
+
+    The same rows as :func:`to_data_matrix`, but the leading dimensions are not
+    flattened: the channelwise rows of a ``(B, C, H, W)`` map are ``(B, H, W, C)``,
+    a view, where a flat matrix would cost a transposing copy of the whole output.
+    :meth:`delve.TorchCovarianceMatrix.update_rows` takes such a tensor.
+
+    Parameters
+    ----------
+    module, output, conv_method, timeseries_method, interpolation_strategy, interpolation_downsampling, limit
+        As for :func:`to_data_matrix`.
+
+    Returns
+    -------
+    (torch.Tensor, int)
+        The rows (at least two dimensions) and the number of samples of the batch
+        dimension they cover.
+
+    """
     if isinstance(module, RECURRENT_TYPES):
         sequence = output[0] if isinstance(output, tuple) else output
         return _recurrent(sequence, module.batch_first, timeseries_method, limit)
@@ -62,7 +96,7 @@ def _dense(x: torch.Tensor, timeseries_method: str, limit: Optional[int]):
     batch = x.shape[0]
     if x.dim() == 3 and timeseries_method == "last_timestep":
         return x[:, -1], batch
-    return x.reshape(-1, x.shape[-1]), batch
+    return x, batch
 
 
 def _convolution(x: torch.Tensor, method: str, strategy: Optional[str], size: int, limit: Optional[int]):
@@ -79,8 +113,8 @@ def _convolution(x: torch.Tensor, method: str, strategy: Optional[str], size: in
             mode = _LINEAR_BY_RANK.get(spatial_rank, "nearest")
         x = F.interpolate(x, size=(size,) * spatial_rank, mode=mode)
     if method == "channelwise":
-        # (B, C, *S) -> (B·S, C): a view when the tensor is channels-last in memory.
-        return x.movedim(1, -1).reshape(-1, channels), batch
+        # (B, C, *S) -> rows (B, *S, C): always a view; flat only if channels-last in memory.
+        return x.movedim(1, -1), batch
     if method == "flatten":
         return x.reshape(batch, -1), batch
     pooled = x.reshape(batch, channels, -1)
@@ -95,6 +129,11 @@ def _convolution(x: torch.Tensor, method: str, strategy: Optional[str], size: in
 
 def _recurrent(out, batch_first: bool, method: str, limit: Optional[int]):
     if isinstance(out, PackedSequence):
+        sequences = int(out.batch_sizes[0])  # batch_sizes lives on the host: no device sync
+        if method == "timestepwise" and (limit is None or limit >= sequences):
+            # The packed data already holds exactly the valid steps, one per row; row
+            # order does not change a covariance.
+            return out.data, sequences
         padded, lengths = pad_packed_sequence(out, batch_first=True)
         if limit is not None:
             padded, lengths = padded[:limit], lengths[:limit]
@@ -113,4 +152,16 @@ def _recurrent(out, batch_first: bool, method: str, limit: Optional[int]):
     if method == "last_timestep":
         return out.select(1 - batch_dim, -1), batch
     # Row order does not change a covariance, so time-major output needs no transpose.
-    return out.reshape(-1, out.shape[-1]), batch
+    return out, batch
+
+
+def first_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """Return a float32 copy of the first ``count`` rows of a ``(..., features)`` tensor as a matrix.
+
+    Only the leading samples are copied, never the whole output.
+    """
+    features = rows.shape[-1]
+    if rows.dim() > 2:
+        per_sample = max(1, rows[0].numel() // max(features, 1))
+        rows = rows[: -(-count // per_sample)]
+    return rows.reshape(-1, features)[:count].detach().to(torch.float32, copy=True)

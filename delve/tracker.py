@@ -1,8 +1,8 @@
 """CheckLayerSat: hooks on a model's layers, epoch-wide covariances, statistics to writers.
 
 Data flow, in one read: a forward hook receives a layer's output
-(:meth:`CheckLayerSat._record`) → :func:`delve.activations.to_data_matrix` makes it a
-``(rows, features)`` matrix → the layer's :class:`~delve.covariance.TorchCovarianceMatrix`
+(:meth:`CheckLayerSat._record`) → :func:`delve.activations.to_data_rows` makes it
+``(..., features)`` rows (a view where it can) → the layer's :class:`~delve.covariance.TorchCovarianceMatrix`
 for the current mode merges it → at :meth:`CheckLayerSat.add_saturations` each
 accumulator's covariance goes through :func:`delve.metrics.layer_statistics` (one
 eigendecomposition) → the writer receives the values.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from delve import distributed
-from delve.activations import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS, to_data_matrix
+from delve.activations import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS, first_rows, to_data_rows
 from delve.covariance import TorchCovarianceMatrix, covariance_bytes
 from delve.layers import discover_layers
 from delve.metrics import SCALAR_STATS, STATMAP, layer_statistics
@@ -315,7 +315,7 @@ class CheckLayerSat:
             return
         try:
             with torch.no_grad():
-                x, batch = to_data_matrix(
+                x, batch = to_data_rows(
                     module,
                     output,
                     self.conv_method,
@@ -330,11 +330,11 @@ class CheckLayerSat:
                 logger.exception("layer %s: cannot make a data matrix from its output; it is skipped", name)
             return
         if state.cov.dim is None:
-            self._check_memory(name, x.shape[1])
+            self._check_memory(name, x.shape[-1])
         state.seen += batch
-        state.cov.update(x)
+        state.cov.update_rows(x)
         if "embed" in self.stats[mode] and state.sample_rows < EMBED_SAMPLES:
-            keep = x[: EMBED_SAMPLES - state.sample_rows].detach().to(torch.float32, copy=True)
+            keep = first_rows(x, EMBED_SAMPLES - state.sample_rows)
             state.samples.append(keep)
             state.sample_rows += keep.shape[0]
 

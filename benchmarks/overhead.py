@@ -1,0 +1,376 @@
+"""What tracking costs: step time with and without a tracker, against the Gram products it must compute.
+
+Run ``python benchmarks/overhead.py`` (add ``--json`` for machine-readable output,
+``--device cuda`` on a GPU). For each model it reports
+
+* the median time of a training step (forward, backward, optimizer step) without and
+  with a tracker (``nosave=True``, stats ``lsat`` + ``idim``, every Linear/Conv/LSTM
+  layer tracked). Blocks of untracked and tracked steps alternate, on two copies of
+  the same model, so that drift of a shared machine hits both alike;
+* the bare float32 Gram time: ``X.T @ X`` on the data matrices of the same layers,
+  already materialised, timed in the same rounds. No exact tracker can cost less than
+  this, so ``extra / gram`` says how close the tracker comes to that floor;
+* the epoch-end time (``add_saturations``) against running ``torch.linalg.eigh`` twice
+  per tracked layer on covariances of the same sizes;
+* the extra memory the tracker holds (accumulators and shared workspace; on a GPU also
+  the growth of the step's peak allocation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+from delve import CheckLayerSat  # noqa: E402
+from delve import covariance as covariance_module  # noqa: E402
+from delve.activations import to_data_matrix  # noqa: E402
+
+# ----------------------------------------------------------------------------- models
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convolutions with batch norm and an identity or 1×1 shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetLike(nn.Module):
+    """A CIFAR-style residual network: a stem, one stage per width, pooling, an MLP head."""
+
+    def __init__(self, widths=(32, 64, 128), blocks=1, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        stages, cin = [], widths[0]
+        for i, width in enumerate(widths):
+            for j in range(blocks):
+                stages.append(BasicBlock(cin, width, 2 if (i > 0 and j == 0) else 1))
+                cin = width
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, cin), nn.ReLU(), nn.Linear(cin, classes)
+        )
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)))
+
+
+class TransformerBlock(nn.Module):
+    """A pre-norm transformer block written with plain Linear layers (q, k, v, out, two FFN)."""
+
+    def __init__(self, width=768, hidden=3072, heads=12):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+        self.ffn1, self.ffn2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        b, t, w = x.shape
+        h = self.norm1(x)
+
+        def split(y):
+            return y.view(b, t, self.heads, w // self.heads).transpose(1, 2)
+
+        att = nn.functional.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        x = x + self.out(att.transpose(1, 2).reshape(b, t, w))
+        return x + self.ffn2(nn.functional.gelu(self.ffn1(self.norm2(x))))
+
+
+class LSTMModel(nn.Module):
+    """Two stacked LSTM layers (time-major, as nn.LSTM defaults to) and a linear read-out."""
+
+    def __init__(self, features=64, hidden=256, classes=10):
+        super().__init__()
+        self.lstm1 = nn.LSTM(features, hidden)
+        self.lstm2 = nn.LSTM(hidden, hidden)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        out, _ = self.lstm1(x)
+        out, _ = self.lstm2(out)
+        return self.fc(out[-1])
+
+
+def make_case(name: str, device: torch.device) -> Dict:
+    """Return the model, a batch, the loss and the tracker options of one benchmark case."""
+    gen = torch.Generator().manual_seed(0)
+    cuda = device.type == "cuda"
+    if name == "cnn":
+        if cuda:  # ResNet-18 widths and depth, CIFAR-sized input
+            model, batch, label = ResNetLike((64, 128, 256, 512), blocks=2), 256, "ResNet-18 CNN, 32x32, batch 256"
+        else:
+            model, batch, label = ResNetLike(), 64, "ResNet-like CNN, 32x32, batch 64"
+        x = torch.randn(batch, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        return dict(label=label, model=model, x=x, y=y, loss=nn.CrossEntropyLoss(), options={})
+    if name == "transformer":
+        batch, steps = (32, 256) if cuda else (8, 64)
+        x = torch.randn(batch, steps, 768, generator=gen)
+        y = torch.randn(batch, steps, 768, generator=gen)
+        label = f"transformer block, (B, T) = ({batch}, {steps}), 768/3072, timestepwise"
+        return dict(
+            label=label, model=TransformerBlock(), x=x, y=y, loss=nn.MSELoss(),
+            options=dict(timeseries_method="timestepwise"),
+        )
+    if name == "lstm":
+        batch, steps = (256, 100) if cuda else (64, 50)
+        x = torch.randn(steps, batch, 64, generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        label = f"2-layer LSTM 64->256, (T, B) = ({steps}, {batch}), timestepwise"
+        return dict(
+            label=label, model=LSTMModel(), x=x, y=y, loss=nn.CrossEntropyLoss(),
+            options=dict(timeseries_method="timestepwise"),
+        )
+    raise ValueError(f"unknown case {name!r}")
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _data_matrices(model: nn.Module, tracker: CheckLayerSat, x: torch.Tensor) -> List[torch.Tensor]:
+    """Materialise the (rows, features) float32 matrix of every tracked layer for one batch."""
+    captured: List[torch.Tensor] = []
+    handles = []
+    for layer in tracker.layers.values():
+
+        def hook(module, inputs, output):
+            with torch.no_grad():
+                matrix, _ = to_data_matrix(
+                    module, output, tracker.conv_method, tracker.timeseries_method,
+                    tracker.interpolation_strategy, tracker.interpolation_downsampling,
+                )
+                captured.append(matrix.detach().to(torch.float32).contiguous())
+
+        handles.append(layer.register_forward_hook(hook))
+    was_recording = tracker.is_recording()
+    tracker.stop()
+    with torch.no_grad():
+        model(x)
+    if was_recording:
+        tracker.resume()
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+def _gram_pass(matrices: List[torch.Tensor]) -> None:
+    for matrix in matrices:
+        matrix.T @ matrix
+
+
+def _eigh_pass(covariances: List[torch.Tensor]) -> None:
+    for cov in covariances:
+        torch.linalg.eigh(cov)
+        torch.linalg.eigh(cov)
+
+
+def _tracker_bytes(tracker: CheckLayerSat) -> int:
+    total = 0
+    for state in tracker._state.values():
+        total += sum(t.numel() * t.element_size() for t in vars(state.cov).values() if torch.is_tensor(t))
+    return total
+
+
+def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: int) -> Dict:
+    """Benchmark one model; return a dict of the measured quantities (seconds, bytes)."""
+    case = make_case(name, device)
+    tracked_model = case["model"].to(device)
+    plain_model = copy.deepcopy(tracked_model)
+    x, y, loss_fn, label = case["x"].to(device), case["y"].to(device), case["loss"], case["label"]
+    tracker = CheckLayerSat(
+        "unused", "csv", tracked_model, stats=["lsat", "idim"], nosave=True, **case["options"]
+    )
+    optims = {
+        "plain": torch.optim.SGD(plain_model.parameters(), lr=1e-3, momentum=0.9),
+        "tracked": torch.optim.SGD(tracked_model.parameters(), lr=1e-3, momentum=0.9),
+    }
+    models = {"plain": plain_model, "tracked": tracked_model}
+
+    def step(kind: str) -> None:
+        model, optim = models[kind], optims[kind]
+        optim.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optim.step()
+
+    # Warm-up: allocator pools, kernel selection, the accumulators' first allocation.
+    for _ in range(warmup):
+        step("plain")
+        step("tracked")
+    _sync(device)
+    covariances = [s.cov.fix() for s in tracker._state.values() if s.cov.dim is not None]
+    tracker.add_saturations()
+    matrices = _data_matrices(tracked_model, tracker, x)
+    del case
+
+    peak = {}
+    times: Dict[str, List[float]] = {"plain": [], "tracked": [], "gram": [], "epoch": [], "eigh": []}
+    for r in range(rounds):
+        # Alternate which kind goes first, so neither always follows the other.
+        for kind in (("plain", "tracked") if r % 2 == 0 else ("tracked", "plain")):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(block):
+                times[kind].append(_timed(lambda k=kind: step(k), device))
+            if device.type == "cuda":
+                peak[kind] = max(peak.get(kind, 0), torch.cuda.max_memory_allocated(device))
+        times["gram"].append(_timed(lambda: _gram_pass(matrices), device))
+        times["epoch"].append(_timed(lambda: tracker.add_saturations(), device))
+        times["eigh"].append(_timed(lambda: _eigh_pass(covariances), device))
+    tracker.close()
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    extra = med["tracked"] - med["plain"]
+    workspace = getattr(covariance_module, "workspace_bytes", lambda: 0)()
+    result = dict(
+        case=name,
+        label=label,
+        layers=len(tracker.layers),
+        untracked_s=med["plain"],
+        tracked_s=med["tracked"],
+        ratio=med["tracked"] / med["plain"],
+        extra_s=extra,
+        gram_s=med["gram"],
+        extra_over_gram=extra / med["gram"] if med["gram"] > 0 else float("nan"),
+        gram_over_untracked=med["gram"] / med["plain"],
+        epoch_end_s=med["epoch"],
+        two_eigh_s=med["eigh"],
+        epoch_over_two_eigh=med["epoch"] / med["eigh"] if med["eigh"] > 0 else float("nan"),
+        accumulator_bytes=_tracker_bytes(tracker),
+        workspace_bytes=workspace,
+        steps_per_kind=len(times["plain"]),
+    )
+    if device.type == "cuda":
+        result["peak_growth_bytes"] = peak["tracked"] - peak["plain"]
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine(device: torch.device) -> Dict:
+    """Describe where the numbers were taken."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    out = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cpu=cpu,
+        cores=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        device=str(device),
+    )
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def print_report(info: Dict, results: List[Dict]) -> None:
+    print("delve tracking overhead")
+    print(
+        f"  {info['date']}  torch {info['torch']}  python {info['python']}  device {info['device']}"
+        + (f" ({info['gpu']})" if "gpu" in info else "")
+    )
+    print(f"  cpu: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads")
+    for r in results:
+        print()
+        print(f"{r['label']}  ({r['layers']} tracked layers, {r['steps_per_kind']} steps of each kind)")
+        print(f"  step untracked       {r['untracked_s'] * 1e3:9.2f} ms")
+        print(f"  step tracked         {r['tracked_s'] * 1e3:9.2f} ms   ratio {r['ratio']:.3f}")
+        print(
+            f"  bare float32 Gram    {r['gram_s'] * 1e3:9.2f} ms   "
+            f"({100 * r['gram_over_untracked']:.1f} % of the untracked step)"
+        )
+        print(f"  tracked - untracked  {r['extra_s'] * 1e3:9.2f} ms   = {r['extra_over_gram']:.2f} x the bare Gram")
+        print(
+            f"  epoch end            {r['epoch_end_s'] * 1e3:9.2f} ms   vs two eigh per layer "
+            f"{r['two_eigh_s'] * 1e3:.2f} ms  (ratio {r['epoch_over_two_eigh']:.2f})"
+        )
+        line = f"  tracker memory       {_mib(r['accumulator_bytes'])} accumulators"
+        line += f" + {_mib(r['workspace_bytes'])} shared workspace"
+        if "peak_growth_bytes" in r:
+            line += f"; peak allocation grows by {_mib(r['peak_growth_bytes'])}"
+        print(line)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--cases", default="cnn,transformer,lstm", help="comma-separated: cnn, transformer, lstm")
+    parser.add_argument("--rounds", type=int, default=8, help="alternations of untracked and tracked blocks")
+    parser.add_argument("--block", type=int, default=4, help="steps per block")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda given but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    info = machine(device)
+    results = [
+        run_case(name.strip(), device, args.rounds, args.block, args.warmup)
+        for name in args.cases.split(",")
+        if name.strip()
+    ]
+    if args.json:
+        print(json.dumps(dict(machine=info, results=results), indent=2))
+    else:
+        print_report(info, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
