@@ -395,8 +395,8 @@ class CheckLayerSat:
                         embeds[key] = result[stat]
                     else:
                         values[key] = result[stat]
-            if self.average_sat:
-                values[f"average-{mode}-sat"] = float(np.mean(saturations)) if saturations else math.nan
+            if self.average_sat and saturations:
+                values[f"average-{mode}-sat"] = float(np.mean(saturations))
         return values, embeds
 
     def _layer_result(self, name: str, mode: str, stats: List[str]) -> Optional[Dict[str, Any]]:
