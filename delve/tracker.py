@@ -390,6 +390,8 @@ class CheckLayerSat:
                 if not self.layerwise_sat:
                     continue
                 for stat in wanted:
+                    if stat not in result:  # arrays of a stopped epoch: there is nothing to report
+                        continue
                     key = f"{mode}-{STATMAP[stat]}_{name}"
                     if stat == "embed":
                         embeds[key] = result[stat]

@@ -172,13 +172,14 @@ def test_log_interval_and_max_samples():
 
 def test_stop_and_resume():
     layer = nn.Linear(3, 2)
-    tracker = CheckLayerSat("unused", "csv", [layer], stats=["lsat", "trc"], nosave=True)
+    tracker = CheckLayerSat("unused", "csv", [layer], stats=["lsat", "trc", "cov", "spectrum"], nosave=True)
     tracker.stop()
     assert not tracker.is_recording()
     layer(torch.randn(8, 3))
     values = tracker.add_saturations()
     assert math.isnan(values["train-saturation_Module-0-Linear"])
     assert math.isnan(values["train-covariance-trace_Module-0-Linear"])
+    assert "train-covariance-matrix_Module-0-Linear" not in values
     tracker.resume()
     assert tracker.is_recording()
     rows = [layer(torch.randn(8, 3)).detach().double().numpy()]
