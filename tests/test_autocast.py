@@ -92,7 +92,7 @@ def test_float16_model(tmp_path):
     layer.register_forward_hook(lambda m, i, o: outputs.append(o.detach().double().numpy()))
     tracker = CheckLayerSat(str(tmp_path / "half"), "csv", layer, stats=["cov"], nosave=True)
     with torch.no_grad():
-        for step in range(4):
+        for _ in range(4):
             layer((torch.randn(16, 5) * 3 + 1).to(torch.float16))
     got = tracker.add_saturations()["train-covariance-matrix_Module-0-Linear"]
     cov = _np_cov(np.concatenate(outputs))
