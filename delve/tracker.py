@@ -68,7 +68,7 @@ class _LayerMode:
         return torch.cat(kept) if kept else None
 
 
-def known_feature_dim(module: nn.Module, conv_method: str) -> Optional[int]:
+def _known_feature_dim(module: nn.Module, conv_method: str) -> Optional[int]:
     """Return the number of columns a layer's data matrix will have, if its definition tells.
 
     ``None`` when it depends on the input (``conv_method='flatten'``, unknown types).
@@ -308,7 +308,7 @@ class CheckLayerSat:
         # Refuse an accumulator too big for memory now, before any hook, file or tensor
         # exists; layers whose width depends on the input are checked at their first batch.
         for name, layer in self.layers.items():
-            dim = known_feature_dim(layer, conv_method)
+            dim = _known_feature_dim(layer, conv_method)
             if dim is not None and any(self.stats[mode] for mode in MODES):
                 self._check_memory(name, dim)
 
