@@ -149,9 +149,7 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ddp"))
+def _spawn(out: str) -> None:
     context = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 240
     while not context.join(timeout=5):
@@ -159,7 +157,6 @@ def run(tmp_path_factory):
             for process in context.processes:
                 process.kill()
             pytest.fail("the distributed workers did not finish (a collective is waiting forever)")
-    return out
 
 
 def _rows(out, epoch, mode, name, ranks=range(WORLD)):
@@ -171,7 +168,7 @@ def _rows(out, epoch, mode, name, ranks=range(WORLD)):
     return np.concatenate(parts)
 
 
-def test_rank0_csv_holds_statistics_of_all_samples(run):
+def _check_rank0_csv_holds_statistics_of_all_samples(run):
     table = pd.read_csv(os.path.join(run, "rank0", "stats.csv"), sep=";", index_col=0)
     assert list(table.index) == list(range(EPOCHS))
     for epoch in range(EPOCHS):
@@ -191,7 +188,7 @@ def test_rank0_csv_holds_statistics_of_all_samples(run):
                     assert got == pytest.approx(expected[stat], rel=1e-6), (epoch, mode, name, stat)
 
 
-def test_every_rank_gets_the_union_covariance(run):
+def _check_every_rank_gets_the_union_covariance(run):
     for epoch in range(EPOCHS):
         for mode in ("train", "eval"):
             for name in LAYERS:
@@ -206,7 +203,7 @@ def test_every_rank_gets_the_union_covariance(run):
                     assert _rel(own, expected) > 1e-3
 
 
-def test_kept_covariance_is_not_double_counted(run):
+def _check_kept_covariance_is_not_double_counted(run):
     for epoch in range(EPOCHS):
         for name in LAYERS:
             rows = np.concatenate([_rows(run, e, "train", name) for e in range(epoch + 1)])
@@ -216,18 +213,29 @@ def test_kept_covariance_is_not_double_counted(run):
                 assert _rel(got, expected) < 1e-6, (epoch, name, rank)
 
 
-def test_only_rank0_writes(run):
+def _check_only_rank0_writes(run):
     assert os.path.isfile(os.path.join(run, "rank0", "stats.csv"))
     assert sorted(os.listdir(os.path.join(run, "rank0"))) == ["stats.csv"]
     assert not os.path.exists(os.path.join(run, "rank1"))
 
 
-def test_synced_accumulator_collectives(run):
+def _check_synced_accumulator_collectives(run):
     rows = (np.arange(12, dtype=np.float64).reshape(4, 3)) ** 1.5
     expected = _np_cov(rows)
     for rank in range(WORLD):
         got = np.load(os.path.join(run, f"one_sided_rank{rank}.npy"))
         assert _rel(got, expected) < 1e-12
+
+
+def test_two_gloo_ranks_with_ddp(tmp_path):
+    # One spawn serves every check: starting two interpreters is the expensive part.
+    run = str(tmp_path)
+    _spawn(run)
+    _check_rank0_csv_holds_statistics_of_all_samples(run)
+    _check_every_rank_gets_the_union_covariance(run)
+    _check_kept_covariance_is_not_double_counted(run)
+    _check_only_rank0_writes(run)
+    _check_synced_accumulator_collectives(run)
 
 
 def test_without_a_process_group_nothing_changes():
