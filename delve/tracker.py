@@ -23,6 +23,7 @@ from torch import nn
 
 from delve import distributed
 from delve.activations import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS, to_data_matrix
+from delve.console import SaturationBars
 from delve.covariance import TorchCovarianceMatrix, covariance_bytes
 from delve.layers import CONV_TYPES, LINEAR_TYPES, RECURRENT_TYPES, discover_layers
 from delve.metrics import SCALAR_STATS, STATMAP, layer_statistics
@@ -201,7 +202,8 @@ class CheckLayerSat:
     nosave : bool, default False
         Make no writer: statistics are only returned by :meth:`add_saturations`.
     verbose : bool, default False
-        Log each layer's saturation at every epoch end.
+        At every epoch end, log each layer's saturation and show it as one progress bar
+        per layer and mode on standard error (see :class:`delve.console.SaturationBars`).
     device : str or torch.device, optional
         Where accumulators live; ``None`` follows the activations.
     initial_epoch : int, default 0
@@ -334,6 +336,7 @@ class CheckLayerSat:
         self._recording = True
         self._closed = False
         self._failed_layers: set = set()
+        self._bars = None  # the console view of verbose=True, made at the first epoch end
         self._hooks = [
             layer.register_forward_hook(self._make_hook(name)) for name, layer in self.layers.items()
         ]
@@ -537,6 +540,14 @@ class CheckLayerSat:
         for key, value in values.items():
             if "saturation" in key or key.startswith("average-"):
                 logger.info("epoch %d %s: %.3f", step, key, value)
+        if not distributed.is_writer():
+            return
+        try:
+            if self._bars is None:
+                self._bars = SaturationBars()
+            self._bars.update(values)
+        except Exception:  # a console that cannot be drawn on must not stop training
+            logger.exception("the console view failed at epoch %d; training goes on", step)
 
     def save(self) -> None:
         """Ask the writer to persist everything recorded so far."""
@@ -564,6 +575,11 @@ class CheckLayerSat:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._bars is not None:
+            try:
+                self._bars.close()
+            except Exception:  # a console gone away must not make close() fail
+                logger.exception("the console view could not be closed")
         if self.writer is not None and distributed.is_writer():
             if self._user_scalars:  # values given after the last epoch still reach the files
                 self._safely(self._write_user_scalars, self.epoch)
