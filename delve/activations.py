@@ -84,7 +84,7 @@ def to_data_rows(
         sequence = output[0] if isinstance(output, tuple) else output
         return _recurrent(sequence, module.batch_first, timeseries_method, limit)
     if isinstance(module, CONV_TYPES):
-        return _convolution(output, conv_method, interpolation_strategy, interpolation_downsampling, limit)
+        return _convolution_rows(output, conv_method, interpolation_strategy, interpolation_downsampling, limit)
     return _dense(output, timeseries_method, limit)
 
 
@@ -100,6 +100,12 @@ def _dense(x: torch.Tensor, timeseries_method: str, limit: Optional[int]):
 
 
 def _convolution(x: torch.Tensor, method: str, strategy: Optional[str], size: int, limit: Optional[int]):
+    """Apply the convolution rule of :func:`to_data_matrix`: a ``(rows, features)`` matrix."""
+    rows, batch = _convolution_rows(x, method, strategy, size, limit)
+    return rows.reshape(-1, rows.shape[-1]), batch
+
+
+def _convolution_rows(x: torch.Tensor, method: str, strategy: Optional[str], size: int, limit: Optional[int]):
     spatial_rank = x.dim() - 2
     if spatial_rank < 1:  # unbatched input: (C, *spatial)
         x = x.unsqueeze(0)

@@ -1,24 +1,24 @@
 """The streaming covariance accumulator every tracked layer and PCA layer feeds.
 
-The state is the count ``n``, the float64 mean and the float64 scatter matrix
-``M = Σ (x - mean)(x - mean)ᵀ`` of all rows seen since the last reset. Batches are
-merged with the pairwise update of Chan, Golub & LeVeque, which is exact in exact
-arithmetic and loses no digits to a large mean: the population covariance is
-``M / n`` (the paper's ``ΣAᵀA/n − μμᵀ`` without its cancellation).
+What it stores, in float64: the count ``n`` of rows seen since the last reset, and
+their first and second moments about a *shift* ``s`` close to their mean,
+``t = Σ (x - s)`` and ``S = Σ (x - s)(x - s)ᵀ``. The mean is ``s + t/n`` and the scatter
+matrix about the mean is ``M = S - t tᵀ/n``; the population covariance is ``M / n`` (the
+paper's ``ΣAᵀA/n − μμᵀ`` without its cancellation, since ``|t/n|`` stays small).
 
 How a batch is reduced, and why it is cheap:
 
-* its rows are centred on a *shift* (the running mean, as float32) while they are
-  copied once into a reused workspace, in the layout the Gram product wants; that one
-  copy also turns a channels-first feature map into rows without a separate reshape.
-  Subtracting a shift close to the data is exact in floating point (Sterbenz), so the
-  float32 products keep their digits even when ``|mean|`` is ``10⁴·std``;
-* the Gram product runs over blocks of at most ``max(1024, features)`` rows whose
-  float32 results are summed in float64, so rounding does not grow with the batch;
-* the batch's Gram matrix and row sum are added to a float64 *window* about the
-  same shift; every few batches (and whenever the state is read) the window is merged
-  into ``n, mean, M`` and the shift moves to the new mean. Per batch that is a handful
-  of tensor operations, none of which waits for the device.
+* its rows are centred on the shift (as float32) while they are copied once into a
+  reused workspace, in the layout the Gram product wants; that one copy also turns a
+  channels-first feature map into rows without a separate reshape. Subtracting a shift
+  close to the data is exact in floating point (Sterbenz), so the float32 products keep
+  their digits even when ``|mean|`` is ``10⁴·std``;
+* the Gram product computes only the lower block triangle of the symmetric result
+  (up to half the multiply-adds), over blocks of at most ``max(4096, features)`` rows
+  whose float32 results are summed in float64, so rounding does not grow with the batch;
+* the result is added to ``S`` and ``t`` on the device, gated by a finiteness check that
+  never waits for the host. Every few batches the shift moves to the running mean
+  (an exact rank-two correction of ``S``), so the data stays centred while it drifts.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ _BLOCK_ROWS = 4096
 # kernels sum long runs of rows one by one; float64 products cost little there and
 # keep every digit.
 _FLOAT32_MIN_FEATURES = 16
-# Batches added to the window between two merges into the state (and shift updates).
-_FOLD_EVERY = 8
+# Batches centred on one shift before it moves to the running mean.
+_SHIFT_EVERY = 8
 # A workspace larger than this is not kept between batches.
 _MAX_KEPT_WORKSPACE = 512 * 2**20
 
@@ -51,11 +51,11 @@ _local = threading.local()
 def covariance_bytes(dim: int) -> int:
     """Return the bytes one accumulator of feature dimension ``dim`` needs at its peak.
 
-    The float64 scatter matrix and window, and, while a batch is merged, its float64
-    Gram sum and the gated copy of it. The centred copy of the batch is not counted:
+    The float64 second-moment matrix, and, while a batch is merged, its float64 Gram
+    sum and the float32 block products. The centred copy of the batch is not counted:
     see :func:`workspace_bytes`.
     """
-    return dim * dim * (8 + 8 + 8 + 8)
+    return dim * dim * (8 + 8 + 4)
 
 
 def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -174,7 +174,8 @@ class TorchCovarianceMatrix:
         Compute each batch's Gram product in float64. By default it is computed in
         float32 on data centred on a running shift, over row blocks summed in float64,
         which keeps the result within 1e-6 relative of the float64 two-pass reference
-        at a fraction of the cost; set this for float64 products throughout.
+        at a fraction of the cost; set this for float64 products throughout. Layers
+        of fewer than 16 features and float64 activations always get float64 products.
 
     Notes
     -----
@@ -187,37 +188,29 @@ class TorchCovarianceMatrix:
     def __init__(self, device: DeviceLike = None, float64_products: bool = False):
         self.device = torch.device(device) if device is not None else None
         self.float64_products = bool(float64_products)
-        # Re-entrant: reading a public state attribute merges the window under the lock.
+        # Re-entrant, so that a method holding it may read the public state properties.
         self._lock = threading.RLock()
-        # The shift that batches are centred on before their Gram product (float32, or
-        # float64 for float64 products): the first batch's mean, then the running mean.
-        # reset() drops it, because weights move between epochs and a stale shift far
-        # from the data costs float32 digits.
-        self._shift: Optional[torch.Tensor] = None
         self._dim: Optional[int] = None
+        # The state (see the module docstring): n, t, S about the float64 shift s.
         self._n: Optional[torch.Tensor] = None
-        self._mean: Optional[torch.Tensor] = None
-        self._scatter: Optional[torch.Tensor] = None
+        self._origin: Optional[torch.Tensor] = None  # s, float64
+        self._sum: Optional[torch.Tensor] = None  # t
+        self._gram: Optional[torch.Tensor] = None  # S; its lower block triangle is authoritative
         self._skipped: Optional[torch.Tensor] = None
-        # The window: Gram sum, row sum, row count and accepted-batch count of the
-        # batches since the last fold, all about ``_shift``; ``_pending`` batches in it.
-        self._win_gram: Optional[torch.Tensor] = None
-        self._win_sum: Optional[torch.Tensor] = None
-        self._win_rows: Optional[torch.Tensor] = None
-        self._win_ok: Optional[torch.Tensor] = None
-        self._pending = 0
-        # The feature blocks of the window's Gram sum: only its lower block triangle is
-        # accumulated, and mirrored when the window is merged.
-        self._bounds: Tuple[int, ...] = ()
+        # s in the dtype of the products (s is always exactly this value). None until
+        # a batch comes: reset() drops it, because weights move between epochs and a
+        # stale shift far from the data costs float32 digits.
+        self._shift: Optional[torch.Tensor] = None
+        self._fresh = True  # no row merged since the last reset: a batch picks the shift
+        self._since_shift = 0  # batches added since the shift last moved
+        self._bounds: Tuple[int, ...] = ()  # feature blocks of the Gram product
 
     # ------------------------------------------------------------------ state
-    # n, mean, scatter and skipped are the public state. Reading one first merges the
-    # batches still in the window; assigning one replaces the state (as a distributed
-    # sync or a checkpoint restore does).
+    # n, mean, scatter and skipped are the public state, derived from n, s, t and S.
+    # Assigning them replaces the state (as a distributed sync or a restore does).
     @property
     def n(self) -> Optional[torch.Tensor]:
         """Number of rows merged (float64 scalar tensor), or ``None`` before the first batch."""
-        self._fold()
         return self._n
 
     @n.setter
@@ -227,28 +220,39 @@ class TorchCovarianceMatrix:
     @property
     def mean(self) -> Optional[torch.Tensor]:
         """Float64 mean of the rows merged, or ``None`` before the first batch."""
-        self._fold()
-        return self._mean
+        with self._lock:
+            if self._origin is None:
+                return None
+            return self._origin + self._sum / self._n.clamp_min(1.0)
 
     @mean.setter
     def mean(self, value: Optional[torch.Tensor]) -> None:
-        self._mean = value
-        self._dim = None if value is None else int(value.shape[0])
+        with self._lock:
+            self._dim = None if value is None else int(value.shape[0])
+            self._origin = value
+            self._sum = None if value is None else torch.zeros_like(value)
+            self._bounds = () if value is None else _block_bounds(self._dim)
+            self._shift = None
+            self._fresh = False
 
     @property
     def scatter(self) -> Optional[torch.Tensor]:
         """Float64 scatter matrix ``Σ (x - mean)(x - mean)ᵀ``, or ``None`` before the first batch."""
-        self._fold()
-        return self._scatter
+        with self._lock:
+            if self._gram is None:
+                return None
+            scatter = self._gram.clone()
+            _mirror_lower_blocks(scatter, self._bounds)
+            return scatter.addr_(self._sum, self._sum / self._n.clamp_min(1.0), alpha=-1.0)
 
     @scatter.setter
     def scatter(self, value: Optional[torch.Tensor]) -> None:
-        self._scatter = value
+        # The other state setters make t zero and s the mean, so S is the scatter.
+        self._gram = value
 
     @property
     def skipped(self) -> Optional[torch.Tensor]:
         """Number of non-finite batches skipped (int64 scalar tensor), or ``None`` before the first batch."""
-        self._fold()
         return self._skipped
 
     @skipped.setter
@@ -263,42 +267,45 @@ class TorchCovarianceMatrix:
     @property
     def count(self) -> int:
         """Number of rows merged since the last reset (synchronises with the device)."""
-        n = self.n
-        return 0 if n is None else int(n.item())
+        return 0 if self._n is None else int(self._n.item())
 
     @property
     def skipped_batches(self) -> int:
         """Number of batches skipped for non-finite values since the last reset."""
-        skipped = self.skipped
-        return 0 if skipped is None else int(skipped.item())
+        return 0 if self._skipped is None else int(self._skipped.item())
 
     def _allocate(self, dim: int, device: torch.device) -> None:
         self._dim = dim
-        self._n = torch.zeros((), dtype=torch.float64, device=device)
-        self._mean = torch.zeros(dim, dtype=torch.float64, device=device)
-        self._scatter = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
-
-    def _allocate_window(self) -> None:
-        device, dim = self._mean.device, self._dim
         self._bounds = _block_bounds(dim)
-        self._win_gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self._win_sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self._win_rows = torch.zeros((), dtype=torch.float64, device=device)
-        self._win_ok = torch.zeros((), dtype=torch.int64, device=device)
-        self._pending = 0
+        self._n = torch.zeros((), dtype=torch.float64, device=device)
+        self._origin = torch.zeros(dim, dtype=torch.float64, device=device)
+        self._sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self._gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
 
     def reset(self) -> None:
         """Forget every row seen so far (the feature dimension is kept)."""
         with self._lock:
-            if self._mean is not None:
+            if self._gram is not None:
                 self._n.zero_()
-                self._mean.zero_()
-                self._scatter.zero_()
+                self._sum.zero_()
+                self._gram.zero_()
                 self._skipped.zero_()
-            if self._win_gram is not None:
-                self._allocate_window()
             self._shift = None
+            self._fresh = True
+
+    def _move_shift(self, shift: torch.Tensor) -> None:
+        """Re-express the state about a new shift (exact algebra) and centre batches on it."""
+        new = shift.to(torch.float64)
+        if not self._fresh:  # an empty state has nothing to re-express
+            delta = new - self._origin
+            # S' = S - δtᵀ - tδᵀ + nδδᵀ and t' = t - nδ: the moments about s + δ.
+            self._gram.addr_(delta, delta * self._n - self._sum)
+            self._gram.addr_(self._sum, delta, alpha=-1.0)
+            self._sum.sub_(delta * self._n)
+        self._origin = new
+        self._shift = shift
+        self._since_shift = 0
 
     # ----------------------------------------------------------------- update
     @torch.no_grad()
@@ -336,78 +343,43 @@ class TorchCovarianceMatrix:
 
     def _update(self, x: torch.Tensor) -> None:
         features = x.shape[-1]
-        if features == 0 or x.numel() == 0:
-            if self._dim is not None and features != self._dim:
-                raise ValueError(f"feature dimension changed from {self._dim} to {features}")
+        if self._dim is not None and features != self._dim:
+            raise ValueError(f"feature dimension changed from {self._dim} to {features}")
+        if x.numel() == 0:
             return
         # A hook can fire under autocast or inference_mode; the products must not be
         # downcast and the state must stay an ordinary tensor.
-        with torch.inference_mode(False), torch.autocast(x.device.type, enabled=False):
+        with torch.inference_mode(False), torch.autocast(x.device.type, enabled=False), self._lock:
             x = x.detach()
-            with self._lock:
-                if self._mean is None:
-                    self._allocate(features, self.device if self.device is not None else x.device)
-                elif features != self._dim:
-                    raise ValueError(f"feature dimension changed from {self._dim} to {features}")
-                if x.device != self._mean.device:
-                    x = x.to(self._mean.device, non_blocking=True)
-                if self._win_gram is None:
-                    self._allocate_window()
-                self._add_batch(x)
+            if self._gram is None:
+                self._allocate(features, self.device if self.device is not None else x.device)
+            if x.device != self._gram.device:
+                x = x.to(self._gram.device, non_blocking=True)
+            self._add_batch(x)
 
     def _add_batch(self, x: torch.Tensor) -> None:
-        """Add one batch to the window; merge the window into the state every few batches."""
         # float64 activations are never rounded to float32: that would cost digits.
         wide = self.float64_products or x.dtype == torch.float64 or self._dim < _FLOAT32_MIN_FEATURES
         work = torch.float64 if wide else torch.float32
-        if self._shift is None or self._shift.dtype != work:
-            self._fold()  # the window is kept about one shift; merge it before changing that
-            if self._shift is None:
+        if self._shift is None or self._shift.dtype != work or self._since_shift >= _SHIFT_EVERY:
+            if self._fresh:
                 lead = tuple(range(x.dim() - 1))
-                self._shift = torch.nan_to_num(x.mean(lead, dtype=work), nan=0.0, posinf=0.0, neginf=0.0)
-            else:
-                self._shift = self._shift.to(work)
+                target = torch.nan_to_num(x.mean(lead, dtype=work), nan=0.0, posinf=0.0, neginf=0.0)
+            else:  # the running mean (the shift itself while no row was accepted)
+                target = (self._origin + self._sum / self._n.clamp_min(1.0)).to(work)
+            self._move_shift(target)
         gram, sums = _centred_gram(x, self._shift, work, self._bounds)
         rows = x.numel() // x.shape[-1]
         # A non-finite value anywhere makes its column's diagonal entry, hence the trace,
         # non-finite. The batch is then dropped on the device: no host round trip.
         ok = torch.isfinite(gram.trace())
-        self._win_gram.add_(torch.where(ok, gram, 0.0))
-        self._win_sum.add_(torch.where(ok, sums, 0.0))
-        self._win_rows.add_(ok, alpha=rows)
-        self._win_ok.add_(ok)
-        self._pending += 1
-        if self._pending >= _FOLD_EVERY:
-            self._fold()
-
-    def _fold(self) -> None:
-        """Merge the window into ``n, mean, scatter`` and move the shift to the new mean."""
-        with self._lock:
-            if not self._pending:
-                return
-            _mirror_lower_blocks(self._win_gram, self._bounds)
-            rows = self._win_rows
-            offset = self._win_sum / rows.clamp_min(1.0)  # window mean minus the shift
-            # The window's scatter about its own mean, in place: the window is reset below.
-            self._win_gram.addr_(self._win_sum, offset, alpha=-1.0)
-            self._merge(rows, self._shift.to(torch.float64) + offset, self._win_gram)
-            self._skipped.add_(self._pending).sub_(self._win_ok)
-            self._shift = torch.where(self._n > 0, self._mean, self._shift).to(self._shift.dtype)
-            self._win_gram.zero_()
-            self._win_sum.zero_()
-            self._win_rows.zero_()
-            self._win_ok.zero_()
-            self._pending = 0
-
-    def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, scatter_b: torch.Tensor) -> None:
-        """Chan's pairwise merge of a batch (or another accumulator) into the state."""
-        n = self._n + n_b
-        weight = n_b / n.clamp_min(1.0)
-        delta = mean_b - self._mean
-        self._scatter.add_(scatter_b)
-        self._scatter.addr_(delta, delta * (self._n * weight))
-        self._mean.add_(delta * weight)
-        self._n.copy_(n)
+        bad = ~ok
+        self._gram.add_(gram.masked_fill_(bad, 0.0))
+        self._sum.add_(sums.masked_fill_(bad, 0.0))
+        self._n.add_(ok, alpha=rows)
+        self._skipped.add_(bad)
+        self._fresh = False
+        self._since_shift += 1
 
     def merge(self, other: TorchCovarianceMatrix) -> TorchCovarianceMatrix:
         """Add the rows another accumulator has seen into this one, exactly.
@@ -423,17 +395,28 @@ class TorchCovarianceMatrix:
             ``self``, so merges can be chained.
 
         """
-        if other.mean is None:
+        if other.dim is None:
             return self
         with self._lock:
-            self._fold()
-            if self._mean is None:
-                self._allocate(other.dim, other.mean.device if self.device is None else self.device)
+            if self._gram is None:
+                self._allocate(other.dim, other.n.device if self.device is None else self.device)
             if other.dim != self._dim:
                 raise ValueError(f"cannot merge dimension {other.dim} into dimension {self._dim}")
-            dev = self._mean.device
-            self._merge(other.n.to(dev), other.mean.to(dev), other.scatter.to(dev))
-            self._skipped.add_(other.skipped.to(dev))
+            dev = self._gram.device
+            n_b, mean_b = other.n.to(dev), other.mean.to(dev)
+            scatter_b, skipped_b = other.scatter.to(dev), other.skipped.to(dev)
+            # Re-express this state about the merged mean first, so that neither part
+            # is far from the origin of the sum.
+            n = self._n + n_b
+            merged_mean = torch.where(n > 0, (self._n * self.mean + n_b * mean_b) / n.clamp_min(1.0), mean_b)
+            self._move_shift(merged_mean)
+            delta = mean_b - merged_mean
+            self._gram.add_(scatter_b).addr_(delta, delta * n_b)
+            self._sum.add_(delta * n_b)
+            self._n.copy_(n)
+            self._skipped.add_(skipped_b)
+            self._fresh = False
+            self._shift = None  # batches re-derive a shift of their own dtype
         return self
 
     # -------------------------------------------------------------------- result
@@ -452,17 +435,108 @@ class TorchCovarianceMatrix:
 
         """
         with self._lock:
-            self._fold()
-            if self._mean is None:
+            if self._gram is None:
                 raise RuntimeError("the covariance of no data is undefined: update() was never called")
-            cov = self._scatter / self._n.clamp_min(1.0)
+            cov = self.scatter.div_(self._n.clamp_min(1.0))
             cov = 0.5 * (cov + cov.T)
             if not center:
-                cov = cov + torch.outer(self._mean, self._mean)
+                mean = self.mean
+                cov.addr_(mean, mean)
             return cov
 
     def state_tensors(self) -> dict:
         """Return the state as plain tensors (for checkpointing or collective sync)."""
         with self._lock:
-            self._fold()
-            return {"n": self._n, "mean": self._mean, "scatter": self._scatter, "skipped": self._skipped}
+            return {"n": self.n, "mean": self.mean, "scatter": self.scatter, "skipped": self.skipped}
+
+    # ------------------------------------------------------------ distributed
+    @classmethod
+    def _from_state(cls, n, mean, scatter, skipped, like: TorchCovarianceMatrix) -> TorchCovarianceMatrix:
+        """Build an accumulator around given state tensors (they are not copied)."""
+        acc = cls(device=like.device, float64_products=like.float64_products)
+        acc.n, acc.mean, acc.scatter, acc.skipped = n, mean, scatter, skipped
+        return acc
+
+    def synced(self, group=None) -> TorchCovarianceMatrix:
+        """Return a new accumulator holding the rows that every rank of a process group has seen.
+
+        Every rank's count, mean and scatter are gathered and merged exactly, in rank
+        order, with the same pairwise update :meth:`merge` uses, so each rank gets the
+        same result: the statistics of the union of all ranks' rows, not an average
+        of per-rank covariances. ``self`` is left untouched, so syncing twice never
+        counts a row twice.
+
+        This is a collective call: every rank of ``group`` must make it, in the same
+        order, including ranks whose accumulator has seen no data (they contribute
+        nothing). Without an initialised process group of more than one rank it
+        returns a plain copy.
+
+        Parameters
+        ----------
+        group : torch.distributed.ProcessGroup, optional
+            The group to combine over; ``None`` is the default (world) group.
+
+        Returns
+        -------
+        TorchCovarianceMatrix
+            A new accumulator; it has no dimension if no rank has seen any data.
+
+        Raises
+        ------
+        ValueError
+            If ranks disagree on the feature dimension (all ranks raise together).
+
+        """
+        import torch.distributed as dist
+
+        copy = TorchCovarianceMatrix(device=self.device, float64_products=self.float64_products)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+            with self._lock:
+                return copy.merge(self)
+        world = dist.get_world_size(group)
+        # NCCL moves only CUDA tensors; every other backend is given host tensors.
+        if dist.get_backend(group) == "nccl":
+            comm = torch.device("cuda", torch.cuda.current_device())
+        else:
+            comm = torch.device("cpu")
+
+        # Dimensions first: a rank without data still has to know the payload size.
+        local_dim = torch.tensor([-1 if self.dim is None else self.dim], dtype=torch.int64, device=comm)
+        dims = [torch.empty_like(local_dim) for _ in range(world)]
+        dist.all_gather(dims, local_dim, group=group)
+        dims = [int(d.item()) for d in dims]
+        known = sorted({d for d in dims if d >= 0})
+        if not known:
+            return copy
+        if len(known) > 1:
+            raise ValueError(f"ranks disagree on the feature dimension: {dims} (rank order, -1 = no data)")
+        dim = known[0]
+
+        # One flat float64 message per rank: n, skipped, mean, scatter.
+        payload = torch.zeros(2 + dim + dim * dim, dtype=torch.float64, device=comm)
+        if self.mean is not None:
+            with self._lock:
+                payload[0] = self.n.to(comm)
+                payload[1] = self.skipped.to(comm, torch.float64)
+                payload[2 : 2 + dim] = self.mean.to(comm)
+                payload[2 + dim :] = self.scatter.to(comm).reshape(-1)
+        gathered = [torch.empty_like(payload) for _ in range(world)]
+        dist.all_gather(gathered, payload, group=group)
+
+        if self.mean is not None:
+            target = self.mean.device
+        else:
+            target = self.device if self.device is not None else comm
+        for rank, message in enumerate(gathered):
+            if dims[rank] < 0:
+                continue
+            message = message.to(target)
+            part = TorchCovarianceMatrix._from_state(
+                message[0],
+                message[2 : 2 + dim],
+                message[2 + dim :].reshape(dim, dim),
+                message[1].to(torch.int64),
+                like=self,
+            )
+            copy.merge(part)
+        return copy

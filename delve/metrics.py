@@ -46,6 +46,7 @@ STATMAP: Dict[str, str] = {
 SCALAR_STATS = ("idim", "lsat", "det", "trc", "dtrc", "erank", "pr")
 
 Matrix = Union[torch.Tensor, np.ndarray]
+_RATIO_TOLERANCE = 1e-12
 
 
 def _as_float64(cov: Matrix) -> torch.Tensor:
@@ -65,9 +66,10 @@ def _idim(eig: torch.Tensor, thresh: float) -> int:
     if total <= 0:
         return 0
     ratios = torch.cumsum(eig, 0) / total
-    # Smallest k whose leading eigenvalues explain `thresh` of the variance; rounding
-    # may leave the last ratio a hair below 1, so k never exceeds the dimension.
-    below = int((ratios < thresh).sum().item())
+    # Smallest k whose leading eigenvalues explain `thresh` of the variance. The
+    # tolerance only absorbs summation rounding: at thresh=1 the eigenvalues a
+    # rank-deficient matrix gets from rounding (~1e-16 of the total) do not count.
+    below = int((ratios < thresh - _RATIO_TOLERANCE).sum().item())
     return min(below + 1, eig.shape[0])
 
 

@@ -1,0 +1,74 @@
+"""Independent float64 numpy references the tests compare the library against."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+
+def np_cov(rows) -> np.ndarray:
+    """Two-pass population covariance in float64."""
+    rows = np.asarray(rows, dtype=np.float64)
+    return np.atleast_2d(np.cov(rows, rowvar=False, bias=True))
+
+
+def np_stats(rows, thresh: float = 0.99) -> dict:
+    """idim, lsat, trc, dtrc, det of the rows' covariance, by the rule of SPEC §5."""
+    cov = np_cov(rows)
+    eig = np.clip(np.sort(np.linalg.eigvalsh(cov))[::-1], 0, None)
+    total = eig.sum()
+    if total <= 0:
+        idim = 0
+    else:
+        ratios = np.cumsum(eig) / total
+        idim = int(min(np.sum(ratios < thresh) + 1, len(eig)))
+    return {
+        "cov": cov,
+        "eig": eig,
+        "idim": idim,
+        "lsat": idim / cov.shape[0],
+        "trc": float(np.trace(cov)),
+        "dtrc": float(eig.sum()),
+        "det": float(np.prod(eig)),
+    }
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+class OutputCapture:
+    """Forward hooks of the test's own that keep every raw output, per layer and mode."""
+
+    def __init__(self, layers: dict):
+        self.outputs = defaultdict(list)
+        self.handles = [
+            layer.register_forward_hook(self._hook(name)) for name, layer in layers.items()
+        ]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            mode = "train" if module.training else "eval"
+            if isinstance(output, tuple):
+                output = output[0]
+            if isinstance(output, torch.nn.utils.rnn.PackedSequence):
+                self.outputs[(name, mode)].append(output)
+            else:
+                self.outputs[(name, mode)].append(output.detach().to(torch.float64).cpu().numpy())
+
+        return hook
+
+    def take(self, name, mode):
+        """Return and forget the outputs recorded for one layer and mode."""
+        return self.outputs.pop((name, mode), [])
+
+    def clear(self):
+        self.outputs.clear()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
