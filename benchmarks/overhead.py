@@ -62,7 +62,7 @@ class BasicBlock(nn.Module):
 class ResNetLike(nn.Module):
     """A CIFAR-style residual network: a stem, one stage per width, pooling, an MLP head."""
 
-    def __init__(self, widths=(32, 64, 128), blocks=1, classes=10):
+    def __init__(self, widths=(64, 128, 256), blocks=1, classes=10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         stages, cin = [], widths[0]

@@ -61,36 +61,46 @@ def descending_eigenvalues(cov: Matrix) -> torch.Tensor:
     return torch.linalg.eigvalsh(_as_float64(cov)).flip(0).clamp_min(0.0)
 
 
-def _idim(eig: torch.Tensor, thresh: float) -> int:
+def _idim(eig, thresh: float) -> int:
+    """Smallest k whose k leading (descending, clamped) eigenvalues explain ``thresh`` of their sum."""
+    eig = _host(eig)
     total = eig.sum()
     if total <= 0:
         return 0
-    ratios = torch.cumsum(eig, 0) / total
+    ratios = np.cumsum(eig) / total
     # Smallest k whose leading eigenvalues explain `thresh` of the variance. The
     # tolerance only absorbs summation rounding: at thresh=1 the eigenvalues a
     # rank-deficient matrix gets from rounding (~1e-16 of the total) do not count.
-    below = int((ratios < thresh - _RATIO_TOLERANCE).sum().item())
+    below = int(np.count_nonzero(ratios < thresh - _RATIO_TOLERANCE))
     return min(below + 1, eig.shape[0])
 
 
-def _effective_rank(eig: torch.Tensor) -> float:
+def _host(eig) -> np.ndarray:
+    # The statistics of d eigenvalues cost microseconds in numpy; on the device each
+    # would be a kernel launch and a synchronisation.
+    if torch.is_tensor(eig):
+        eig = eig.detach().cpu().numpy()
+    return np.asarray(eig, dtype=np.float64)
+
+
+def _effective_rank(eig: np.ndarray) -> float:
     total = eig.sum()
     if total <= 0:
         return 0.0
     p = eig / total
     p = p[p > 0]
-    return float(torch.exp(-(p * torch.log(p)).sum()).item())
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def _participation_ratio(eig: torch.Tensor) -> float:
+def _participation_ratio(eig: np.ndarray) -> float:
     square_sum = (eig * eig).sum()
     if square_sum <= 0:
         return 0.0
-    return float((eig.sum() ** 2 / square_sum).item())
+    return float(eig.sum() ** 2 / square_sum)
 
 
-def _spectrum(eig: torch.Tensor, k: int) -> np.ndarray:
-    top = eig[:k].cpu().numpy()
+def _spectrum(eig: np.ndarray, k: int) -> np.ndarray:
+    top = eig[:k].copy()
     if top.shape[0] < k:
         top = np.concatenate([top, np.zeros(k - top.shape[0])])
     return top
@@ -134,11 +144,11 @@ def layer_statistics(
     if "embed" in stats:
         # Eigenvectors only when a projection needs them: eigh costs several eigvalsh.
         values, vectors = torch.linalg.eigh(cov64)
-        eig = values.flip(0).clamp_min(0.0)
         vectors = vectors.flip(1)
     else:
-        eig = descending_eigenvalues(cov64)
-        vectors = None
+        values, vectors = torch.linalg.eigvalsh(cov64), None
+    # One transfer of d numbers to the host; every statistic below is computed there.
+    eig = np.maximum(values.cpu().numpy()[::-1], 0.0)
 
     out: Dict[str, object] = {}
     idim = None
@@ -152,11 +162,11 @@ def layer_statistics(
         elif stat == "cov":
             out[stat] = cov64.cpu().numpy()
         elif stat == "det":
-            out[stat] = float(torch.prod(eig).item())
+            out[stat] = float(np.prod(eig))
         elif stat == "trc":
             out[stat] = float(torch.trace(cov64).item())
         elif stat == "dtrc":
-            out[stat] = float(eig.sum().item())
+            out[stat] = float(eig.sum())
         elif stat == "spectrum":
             out[stat] = _spectrum(eig, spectrum_k)
         elif stat == "erank":

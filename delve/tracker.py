@@ -484,7 +484,8 @@ class CheckLayerSat:
             samples = state.finite_samples()
         try:
             return layer_statistics(
-                cov.fix(), stats, self.threshold, self.spectrum_k, samples=samples, mean=cov.mean
+                cov.fix(), stats, self.threshold, self.spectrum_k, samples=samples,
+                mean=cov.mean if samples is not None else None,
             )
         except Exception:  # e.g. an eigensolver that does not converge: report NaN, keep training
             logger.exception("layer %s (%s): statistics could not be computed; writing NaN", name, mode)

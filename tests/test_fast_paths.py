@@ -1,0 +1,308 @@
+"""Every fast path of the accumulator and the reshaping, against float64 numpy references.
+
+The float32 products (row blocks, lower block triangle, the channels-first layout, the
+moving shift) must stay within SPEC §4: 1e-6 relative Frobenius error against a
+two-pass float64 covariance, also when |mean| = 1e4 · std.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import delve.covariance as covariance
+from delve import CheckLayerSat, TorchCovarianceMatrix
+from delve.activations import first_rows, to_data_matrix, to_data_rows
+from delve.metrics import layer_statistics
+from tests.reference import OutputCapture, np_cov, rel_err
+
+TOL = 1e-6
+
+
+def _rows(rng, n, d, mean_scale=0.0, scale=1.0):
+    """Correlated rows with per-feature means of ``mean_scale`` times the feature std."""
+    mix = rng.standard_normal((d, d)) / np.sqrt(d) + np.eye(d)
+    x = rng.standard_normal((n, d)) @ mix * scale
+    std = x.std(0)
+    return x + mean_scale * std * rng.choice([-1.0, 1.0], d)
+
+
+def _accumulate(parts, **kwargs):
+    acc = TorchCovarianceMatrix(**kwargs)
+    for part in parts:
+        acc.update_rows(part) if part.dim() != 2 else acc.update(part)
+    return acc
+
+
+# ------------------------------------------------------------------ float32 products
+
+
+@pytest.mark.parametrize("d", [16, 32, 40, 72, 136, 520])
+@pytest.mark.parametrize("mean_scale", [0.0, 1e4])
+def test_float32_products_every_block_split(d, mean_scale):
+    # 16..520 features cover one block, two, four (72: boundaries off multiples of 16)
+    # and eight; 9000 rows make two row blocks of the product.
+    rng = np.random.default_rng(d)
+    n = 9000 if d < 200 else 700
+    rows = _rows(rng, n, d, mean_scale).astype(np.float32)
+    acc = _accumulate(torch.from_numpy(p) for p in np.array_split(rows, 3))
+    assert acc.count == n
+    assert rel_err(acc.fix().numpy(), np_cov(rows)) < TOL
+    np.testing.assert_allclose(acc.mean.numpy(), rows.astype(np.float64).mean(0), rtol=1e-9, atol=1e-7 * rows.std())
+
+
+def test_many_rows_few_features_keep_their_digits():
+    # A long sum of float32 products loses digits row by row: these row counts are
+    # where a single product went past the contract (and the few-feature float64 path).
+    rng = np.random.default_rng(1)
+    for d, n in ((3, 70000), (8, 70000), (24, 60000)):
+        rows = _rows(rng, n, d, mean_scale=1e4).astype(np.float32)
+        acc = _accumulate([torch.from_numpy(rows)])
+        assert rel_err(acc.fix().numpy(), np_cov(rows)) < TOL, (d, n)
+
+
+def test_rounding_does_not_grow_with_the_batch():
+    # One batch of 600k rows: a single float32 product over all rows drifts to ~8e-7
+    # here; products over row blocks summed in float64 stay near 1e-7.
+    rng = np.random.default_rng(11)
+    rows = _rows(rng, 600_000, 16, mean_scale=1e4).astype(np.float32)
+    acc = _accumulate([torch.from_numpy(rows)])
+    assert rel_err(acc.fix().numpy(), np_cov(rows)) < 3e-7
+
+
+def test_many_batches_with_a_drifting_mean():
+    # 40 batches: the shift moves every few batches while the mean walks by 30 std.
+    rng = np.random.default_rng(2)
+    parts = [_rows(rng, 300, 48, 1e4).astype(np.float32) + np.float32(0.75 * i) for i in range(40)]
+    acc = _accumulate(torch.from_numpy(p) for p in parts)
+    assert rel_err(acc.fix().numpy(), np_cov(np.concatenate(parts))) < TOL
+
+
+def test_float64_inputs_and_float64_products_are_exact():
+    rng = np.random.default_rng(3)
+    rows = _rows(rng, 5000, 40, 1e4)
+    exact = _accumulate(torch.from_numpy(p) for p in np.array_split(rows, 4))
+    assert rel_err(exact.fix().numpy(), np_cov(rows)) < 1e-11
+    rows32 = rows.astype(np.float32)
+    wide = _accumulate((torch.from_numpy(p) for p in np.array_split(rows32, 4)), float64_products=True)
+    assert rel_err(wide.fix().numpy(), np_cov(rows32)) < 1e-11
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    rng = np.random.default_rng(4)
+    rows = torch.from_numpy(_rows(rng, 3000, 36, 2.0).astype(np.float32)).to(dtype)
+    acc = _accumulate(rows.split(700))
+    assert rel_err(acc.fix().numpy(), np_cov(rows.double().numpy())) < TOL
+
+
+# ------------------------------------------------------------------ layouts
+
+
+def test_channels_first_maps_without_reshaping():
+    rng = np.random.default_rng(5)
+    maps = [torch.from_numpy(_rows(rng, 6 * 40, 20 * 33, 1e4).astype(np.float32)).view(6, 40, 20, 33) for _ in range(3)]
+    acc = TorchCovarianceMatrix()
+    for m in maps:
+        acc.update_rows(m.movedim(1, -1))  # a strided view: features are not adjacent
+    reference = np_cov(np.concatenate([m.permute(0, 2, 3, 1).reshape(-1, 40).double().numpy() for m in maps]))
+    assert rel_err(acc.fix().numpy(), reference) < TOL
+
+
+def test_non_contiguous_inputs():
+    rng = np.random.default_rng(6)
+    base = torch.from_numpy(_rows(rng, 2400, 96, 1e4).astype(np.float32))
+    views = [
+        base[:800, ::2],  # strided columns
+        base[800:1600].T.contiguous().T[:, :48],  # column-major
+        base[1600:, 1::2].unsqueeze(0).expand(2, 800, 48)[1],  # an expanded view
+    ]
+    acc = _accumulate(views)
+    reference = np_cov(np.concatenate([v.double().numpy() for v in views]))
+    assert rel_err(acc.fix().numpy(), reference) < TOL
+
+
+def test_uneven_row_blocks_and_feature_counts():
+    # Row counts that do not divide into blocks are padded with zero rows internally.
+    rng = np.random.default_rng(7)
+    parts = [torch.from_numpy(_rows(rng, n, 33, 50.0).astype(np.float32)) for n in (1, 8193, 17001, 5)]
+    acc = _accumulate(parts)
+    assert acc.count == 1 + 8193 + 17001 + 5
+    assert rel_err(acc.fix().numpy(), np_cov(np.concatenate([p.numpy() for p in parts]))) < TOL
+
+
+# ------------------------------------------------------------------ state handling
+
+
+def test_non_finite_batch_in_a_float32_window_is_skipped():
+    rng = np.random.default_rng(8)
+    parts = [_rows(rng, 500, 64, 1e4).astype(np.float32) for _ in range(11)]
+    bad = parts[4].copy()
+    bad[17, 5] = np.nan
+    bad2 = parts[6].copy()
+    bad2[0, 63] = np.inf
+    acc = _accumulate(torch.from_numpy(p) for p in [*parts[:4], bad, *parts[4:6], bad2, *parts[6:]])
+    assert acc.skipped_batches == 2 and acc.count == 11 * 500
+    assert rel_err(acc.fix().numpy(), np_cov(np.concatenate(parts))) < TOL
+
+
+def test_merge_and_state_assignment_round_trip():
+    rng = np.random.default_rng(9)
+    a, b = (_rows(rng, n, 40, 1e4).astype(np.float32) for n in (3000, 700))
+    b += np.float32(3.0)
+    left, right = _accumulate([torch.from_numpy(a)]), _accumulate([torch.from_numpy(b)])
+    empty = TorchCovarianceMatrix()
+    empty.merge(left).merge(right)
+    union = np_cov(np.concatenate([a, b]))
+    assert empty.count == 3700
+    assert rel_err(empty.fix().numpy(), union) < TOL
+    # Rebuild an accumulator from its public state, then keep feeding it.
+    state = empty.state_tensors()
+    copy = TorchCovarianceMatrix()
+    copy.n, copy.mean, copy.scatter, copy.skipped = (state[k].clone() for k in ("n", "mean", "scatter", "skipped"))
+    assert rel_err(copy.fix().numpy(), union) < TOL
+    c = _rows(rng, 500, 40, 1e4).astype(np.float32)
+    copy.update(torch.from_numpy(c))
+    assert rel_err(copy.fix().numpy(), np_cov(np.concatenate([a, b, c]))) < TOL
+    assert np.allclose(copy.fix().numpy(), copy.fix().numpy().T, rtol=0, atol=0)  # exactly symmetric
+
+
+def test_update_reads_no_tensor_value_on_the_host(monkeypatch):
+    # On a GPU, any .item()/bool()/int() of a device tensor inside the hook would stall
+    # the training loop. Python-level reads are refused here while batches are added.
+    acc = TorchCovarianceMatrix()
+    rows = torch.randn(4000, 70)
+    acc.update(rows[:100])  # the first batch allocates; it may read shapes only either way
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host during update")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+            patch.setattr(torch.Tensor, name, refuse)
+        for i in range(1, 40):
+            acc.update_rows(rows[i * 100 : (i + 1) * 100].view(10, 10, 70))
+    assert rel_err(acc.fix().numpy(), np_cov(rows.double().numpy())) < TOL
+
+
+def test_workspace_is_reused_and_released():
+    covariance.release_workspace()
+    acc = TorchCovarianceMatrix()
+    big, small = torch.randn(5000, 64), torch.randn(300, 64)
+    acc.update(big)
+    kept = covariance.workspace_bytes()
+    assert kept >= 5000 * 64 * 4
+    acc.update(small)
+    assert covariance.workspace_bytes() == kept  # no second buffer for a smaller batch
+    covariance.release_workspace()
+    assert covariance.workspace_bytes() == 0
+    acc.update(small)
+    assert rel_err(acc.fix().numpy(), np_cov(torch.cat([big, small, small]).double().numpy())) < TOL
+
+
+# ------------------------------------------------------------------ reshaping
+
+
+def test_rows_are_views_with_the_rows_of_the_matrix():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 24, 3)
+    out = conv(torch.randn(4, 3, 10, 10)).detach()
+    rows, batch = to_data_rows(conv, out)
+    assert batch == 4 and rows.shape == (4, 8, 8, 24)
+    assert rows.data_ptr() == out.data_ptr()  # no copy of the feature map
+    matrix, _ = to_data_matrix(conv, out)
+    np.testing.assert_array_equal(rows.reshape(-1, 24).numpy(), matrix.numpy())
+    lstm = nn.LSTM(5, 7)
+    seq = lstm(torch.randn(6, 3, 5))[0].detach()
+    rows, batch = to_data_rows(lstm, seq, timeseries_method="timestepwise")
+    assert batch == 3 and rows.data_ptr() == seq.data_ptr()
+    np.testing.assert_array_equal(rows.reshape(-1, 7).numpy(), seq.reshape(-1, 7).numpy())
+    # Only the leading rows are copied for the embedding samples.
+    np.testing.assert_array_equal(first_rows(rows, 5).numpy(), seq.reshape(-1, 7)[:5].numpy())
+    np.testing.assert_array_equal(
+        first_rows(to_data_rows(conv, out)[0], 70).numpy(), out.permute(0, 2, 3, 1).reshape(-1, 24)[:70].numpy()
+    )
+
+
+def test_packed_timestepwise_rows_are_the_valid_steps():
+    lstm = nn.LSTM(4, 6, batch_first=True)
+    lengths = torch.tensor([7, 3, 5])
+    x = torch.randn(3, 7, 4)
+    packed_out = lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))  # as a hook sees it
+    rows, batch = to_data_rows(lstm, packed_out, timeseries_method="timestepwise")
+    assert batch == 3 and rows.shape == (15, 6)
+    padded = lstm(x)[0].detach()
+    valid = np.concatenate([padded[i, : lengths[i]].numpy() for i in range(3)])
+    assert rel_err(np_cov(rows.detach().numpy()), np_cov(valid)) < 1e-5
+    limited, batch = to_data_rows(lstm, packed_out, timeseries_method="timestepwise", limit=2)
+    assert batch == 2 and limited.shape[0] == 7 + 3
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 40, 3, padding=1)
+        self.conv_last = nn.Conv2d(40, 36, 1)
+        self.fc = nn.Linear(36, 64)
+        self.lstm = nn.LSTM(64, 20)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = self.conv_last(h.contiguous(memory_format=torch.channels_last))
+        h = self.fc(h.mean((2, 3)) + 1e3)  # a large mean in fc's output
+        out, _ = self.lstm(h.view(4, -1, 64))
+        return out.sum()
+
+
+def test_tracker_fast_paths_match_the_outputs_seen_by_the_test():
+    torch.manual_seed(1)
+    net = _Net()
+    tracker = CheckLayerSat("unused", "csv", net, stats=["cov"], nosave=True, timeseries_method="timestepwise")
+    capture = OutputCapture(tracker.layers)
+    optim = torch.optim.SGD(net.parameters(), lr=1e-3)
+    for _epoch in range(2):
+        for _ in range(5):
+            optim.zero_grad()
+            net(torch.randn(8, 3, 12, 12)).backward()
+            optim.step()
+        values = tracker.add_saturations()
+        for name, layer in tracker.layers.items():
+            outputs = capture.take(name, "train")
+            if isinstance(layer, nn.Conv2d):
+                rows = [o.transpose(0, 2, 3, 1).reshape(-1, o.shape[1]) for o in outputs]
+            else:
+                rows = [o.reshape(-1, o.shape[-1]) for o in outputs]
+            got = values[f"train-covariance-matrix_{name}"]
+            assert rel_err(got, np_cov(np.concatenate(rows))) < TOL, name
+    capture.remove()
+    tracker.close()
+
+
+def test_one_eigenvalue_decomposition_per_layer_and_mode(monkeypatch):
+    calls = {"eigvalsh": 0, "eigh": 0}
+    real_eigvalsh, real_eigh = torch.linalg.eigvalsh, torch.linalg.eigh
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", counting("eigvalsh", real_eigvalsh))
+    monkeypatch.setattr(torch.linalg, "eigh", counting("eigh", real_eigh))
+    rng = np.random.default_rng(10)
+    rows = _rows(rng, 400, 20)
+    cov = np_cov(rows)
+    values = layer_statistics(torch.from_numpy(cov), ["lsat", "idim", "det", "trc", "dtrc", "erank", "pr"])
+    assert calls == {"eigvalsh": 1, "eigh": 0}
+    eig = np.clip(np.sort(np.linalg.eigvalsh(cov))[::-1], 0, None)
+    p = eig / eig.sum()
+    assert values["erank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-10)
+    assert values["pr"] == pytest.approx(eig.sum() ** 2 / (eig**2).sum(), rel=1e-10)
+    assert values["det"] == pytest.approx(np.prod(eig), rel=1e-8)
+    layer_statistics(torch.from_numpy(cov), ["lsat", "embed"], samples=torch.from_numpy(rows[:10]))
+    assert calls == {"eigvalsh": 1, "eigh": 1}
