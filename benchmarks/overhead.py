@@ -209,7 +209,7 @@ def _tracker_bytes(tracker: CheckLayerSat) -> int:
     return total
 
 
-def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: int) -> Dict:
+def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: int, epoch_repeats: int) -> Dict:
     """Benchmark one model; return a dict of the measured quantities (seconds, bytes)."""
     case = make_case(name, device)
     tracked_model = case["model"].to(device)
@@ -223,6 +223,21 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         "tracked": torch.optim.SGD(tracked_model.parameters(), lr=1e-3, momentum=0.9),
     }
     models = {"plain": plain_model, "tracked": tracked_model}
+    del case
+
+    # Time spent inside the tracker's hooks, per step: on a shared machine this is far
+    # steadier than the difference of two step times. On a GPU it would only time the
+    # kernel launches, so it is measured on the CPU alone.
+    hook_time = [0.0]
+    if device.type == "cpu":
+        record = tracker._record
+
+        def timed_record(*args):
+            start = time.perf_counter()
+            record(*args)
+            hook_time[0] += time.perf_counter() - start
+
+        tracker._record = timed_record
 
     def step(kind: str) -> None:
         model, optim = models[kind], optims[kind]
@@ -235,30 +250,39 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         step("plain")
         step("tracked")
     _sync(device)
+    # Covariances of the real activations, for the eigh reference.
     covariances = [s.cov.fix() for s in tracker._state.values() if s.cov.dim is not None]
     tracker.add_saturations()
     matrices = _data_matrices(tracked_model, tracker, x)
-    del case
+    if max(c.shape[0] for c in covariances) > 1024:
+        epoch_repeats = 1  # two eigh of a 3072-wide covariance take most of a minute on two cores
 
-    peak = {}
-    times: Dict[str, List[float]] = {"plain": [], "tracked": [], "gram": [], "epoch": [], "eigh": []}
+    peak: Dict[str, int] = {}
+    times: Dict[str, List[float]] = {"plain": [], "tracked": [], "hooks": [], "gram": [], "epoch": [], "eigh": []}
+    paired: List[float] = []
     for r in range(rounds):
+        block_times = {}
         # Alternate which kind goes first, so neither always follows the other.
         for kind in (("plain", "tracked") if r % 2 == 0 else ("tracked", "plain")):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(block):
-                times[kind].append(_timed(lambda k=kind: step(k), device))
+            hook_time[0] = 0.0
+            block_times[kind] = [_timed(lambda k=kind: step(k), device) for _ in range(block)]
+            if kind == "tracked":
+                times["hooks"].append(hook_time[0] / block)
+            times[kind] += block_times[kind]
             if device.type == "cuda":
                 peak[kind] = max(peak.get(kind, 0), torch.cuda.max_memory_allocated(device))
+        paired.append(statistics.median(block_times["tracked"]) / statistics.median(block_times["plain"]))
         times["gram"].append(_timed(lambda: _gram_pass(matrices), device))
-        times["epoch"].append(_timed(lambda: tracker.add_saturations(), device))
-        times["eigh"].append(_timed(lambda: _eigh_pass(covariances), device))
+        # Epoch ends in the last rounds only: for wide layers one costs seconds.
+        if r >= rounds - epoch_repeats:
+            times["epoch"].append(_timed(lambda: tracker.add_saturations(), device))
+            times["eigh"].append(_timed(lambda: _eigh_pass(covariances), device))
     tracker.close()
 
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     extra = med["tracked"] - med["plain"]
-    workspace = getattr(covariance_module, "workspace_bytes", lambda: 0)()
     result = dict(
         case=name,
         label=label,
@@ -266,15 +290,18 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         untracked_s=med["plain"],
         tracked_s=med["tracked"],
         ratio=med["tracked"] / med["plain"],
+        ratio_paired=statistics.median(paired),
         extra_s=extra,
         gram_s=med["gram"],
-        extra_over_gram=extra / med["gram"] if med["gram"] > 0 else float("nan"),
+        extra_over_gram=extra / med["gram"],
+        hooks_s=med["hooks"],
+        hooks_over_gram=med["hooks"] / med["gram"],
         gram_over_untracked=med["gram"] / med["plain"],
         epoch_end_s=med["epoch"],
         two_eigh_s=med["eigh"],
-        epoch_over_two_eigh=med["epoch"] / med["eigh"] if med["eigh"] > 0 else float("nan"),
+        epoch_over_two_eigh=med["epoch"] / med["eigh"],
         accumulator_bytes=_tracker_bytes(tracker),
-        workspace_bytes=workspace,
+        workspace_bytes=covariance_module.workspace_bytes() if device.type == "cpu" else 0,
         steps_per_kind=len(times["plain"]),
     )
     if device.type == "cuda":
@@ -325,12 +352,17 @@ def print_report(info: Dict, results: List[Dict]) -> None:
         print()
         print(f"{r['label']}  ({r['layers']} tracked layers, {r['steps_per_kind']} steps of each kind)")
         print(f"  step untracked       {r['untracked_s'] * 1e3:9.2f} ms")
-        print(f"  step tracked         {r['tracked_s'] * 1e3:9.2f} ms   ratio {r['ratio']:.3f}")
+        print(
+            f"  step tracked         {r['tracked_s'] * 1e3:9.2f} ms   ratio {r['ratio']:.3f}"
+            f" (median of per-round ratios {r['ratio_paired']:.3f})"
+        )
         print(
             f"  bare float32 Gram    {r['gram_s'] * 1e3:9.2f} ms   "
             f"({100 * r['gram_over_untracked']:.1f} % of the untracked step)"
         )
         print(f"  tracked - untracked  {r['extra_s'] * 1e3:9.2f} ms   = {r['extra_over_gram']:.2f} x the bare Gram")
+        if r["hooks_s"] == r["hooks_s"]:  # not NaN
+            print(f"  inside the hooks     {r['hooks_s'] * 1e3:9.2f} ms   = {r['hooks_over_gram']:.2f} x the bare Gram")
         print(
             f"  epoch end            {r['epoch_end_s'] * 1e3:9.2f} ms   vs two eigh per layer "
             f"{r['two_eigh_s'] * 1e3:.2f} ms  (ratio {r['epoch_over_two_eigh']:.2f})"
@@ -349,6 +381,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=8, help="alternations of untracked and tracked blocks")
     parser.add_argument("--block", type=int, default=4, help="steps per block")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
+    parser.add_argument("--epoch-repeats", type=int, default=3, help="rounds that also time an epoch end")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
@@ -361,7 +394,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     info = machine(device)
     results = [
-        run_case(name.strip(), device, args.rounds, args.block, args.warmup)
+        run_case(name.strip(), device, args.rounds, args.block, args.warmup, min(args.epoch_repeats, args.rounds))
         for name in args.cases.split(",")
         if name.strip()
     ]

@@ -23,6 +23,7 @@ How a batch is reduced, and why it is cheap:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Dict, Optional, Tuple, Union
 
@@ -42,6 +43,8 @@ _BLOCK_ROWS = 8192
 _FLOAT32_MIN_FEATURES = 16
 # Batches centred on one shift before it moves to the running mean.
 _SHIFT_EVERY = 8
+# Below this many multiply-adds (rows × features²) a product is not split into blocks.
+_MIN_TRIANGLE_WORK = 2**22
 # A workspace larger than this is not kept between batches.
 _MAX_KEPT_WORKSPACE = 512 * 2**20
 
@@ -144,7 +147,8 @@ def _centred_gram(
         chunks = flat.view(features, blocks, per_block).transpose(0, 1)
     # chunks: (blocks, features, per_block), whatever the layout; BLAS reads either.
     dtype = work if blocks == 1 else torch.float64
-    if len(bounds) == 2 and blocks == 1:
+    if blocks == 1 and (len(bounds) == 2 or rows * features * features < _MIN_TRIANGLE_WORK):
+        # One full product: for a small one, extra calls would cost more than they save.
         return chunks[0] @ chunks[0].T, sums
     gram = torch.zeros(features, features, dtype=dtype, device=x.device)
     for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -154,6 +158,15 @@ def _centred_gram(
         else:
             torch.sum(torch.bmm(chunks[:, start:stop], chunks[:, :stop].transpose(1, 2)), 0, dtype=dtype, out=part)
     return gram, sums
+
+
+def _autocast_off(device_type: str):
+    """Return a context that disables autocast on ``device_type``, or a no-op if it is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # torch < 2.4, or a device type autocast does not know
+        enabled = True
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 _TRIANGLES: Dict[Tuple[int, torch.device], torch.Tensor] = {}
@@ -357,8 +370,10 @@ class TorchCovarianceMatrix:
         if x.numel() == 0:
             return
         # A hook can fire under autocast or inference_mode; the products must not be
-        # downcast and the state must stay an ordinary tensor.
-        with torch.inference_mode(False), torch.autocast(x.device.type, enabled=False), self._lock:
+        # downcast and the state must stay an ordinary tensor. (The checks are cheaper
+        # than entering both contexts on every batch.)
+        inference = torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+        with inference, _autocast_off(x.device.type), self._lock:
             x = x.detach()
             if self._gram is None:
                 self._allocate(features, self.device if self.device is not None else x.device)
