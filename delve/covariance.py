@@ -43,6 +43,8 @@ _BLOCK_ROWS = 8192
 _FLOAT32_MIN_FEATURES = 16
 # Batches centred on one shift before it moves to the running mean.
 _SHIFT_EVERY = 8
+# Rows a new epoch's first shift is estimated from.
+_SHIFT_SAMPLE_ROWS = 4096
 # Below this many multiply-adds (rows × features²) a product is not split into blocks.
 _MIN_TRIANGLE_WORK = 2**22
 # A workspace larger than this is not kept between batches.
@@ -158,6 +160,23 @@ def _centred_gram(
         else:
             torch.sum(torch.bmm(chunks[:, start:stop], chunks[:, :stop].transpose(1, 2)), 0, dtype=dtype, out=part)
     return gram, sums
+
+
+def _first_shift(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """Estimate the mean of a batch's rows from its leading samples (about 4096 rows).
+
+    A shift only has to be near the data, within a few standard deviations, for the
+    centred float32 products to keep their digits. Non-finite values are left out, so
+    that a first batch with a NaN (which will be skipped) does not centre the next ones
+    on zero; a feature with no finite value gets 0.
+    """
+    per_sample = max(1, x[0].numel() // x.shape[-1])
+    sample = x[: -(-_SHIFT_SAMPLE_ROWS // per_sample)]
+    lead = tuple(range(sample.dim() - 1))
+    finite = torch.isfinite(sample)
+    total = torch.where(finite, sample, 0.0).sum(lead, dtype=work)
+    count = finite.sum(lead)
+    return torch.where(count > 0, total / count.clamp_min(1), 0.0).to(work)
 
 
 def _autocast_off(device_type: str):
@@ -387,8 +406,7 @@ class TorchCovarianceMatrix:
         work = torch.float64 if wide else torch.float32
         if self._shift is None or self._shift.dtype != work or self._since_shift >= _SHIFT_EVERY:
             if self._fresh:
-                lead = tuple(range(x.dim() - 1))
-                target = torch.nan_to_num(x.mean(lead, dtype=work), nan=0.0, posinf=0.0, neginf=0.0)
+                target = _first_shift(x, work)
             else:  # the running mean (the shift itself while no row was accepted)
                 target = (self._origin + self._sum / self._n.clamp_min(1.0)).to(work)
             self._move_shift(target)

@@ -23,11 +23,16 @@ TOL = 1e-6
 
 
 def _rows(rng, n, d, mean_scale=0.0, scale=1.0):
-    """Correlated rows with per-feature means of ``mean_scale`` times the feature std."""
-    mix = rng.standard_normal((d, d)) / np.sqrt(d) + np.eye(d)
-    x = rng.standard_normal((n, d)) @ mix * scale
-    std = x.std(0)
-    return x + mean_scale * std * rng.choice([-1.0, 1.0], d)
+    """Correlated rows whose per-feature means are ``mean_scale`` times the feature std.
+
+    The distribution depends on ``d`` and ``mean_scale`` only (not on ``rng``), so that
+    successive calls draw batches of one data set.
+    """
+    fixed = np.random.default_rng(1000 + d)
+    mix = (fixed.standard_normal((d, d)) / np.sqrt(d) + np.eye(d)) * scale
+    std = np.sqrt((mix**2).sum(0))
+    mean = mean_scale * std * fixed.choice([-1.0, 1.0], d)
+    return rng.standard_normal((n, d)) @ mix + mean
 
 
 def _accumulate(parts, **kwargs):
@@ -147,6 +152,18 @@ def test_non_finite_batch_in_a_float32_window_is_skipped():
     acc = _accumulate(torch.from_numpy(p) for p in [*parts[:4], bad, *parts[4:6], bad2, *parts[6:]])
     assert acc.skipped_batches == 2 and acc.count == 11 * 500
     assert rel_err(acc.fix().numpy(), np_cov(np.concatenate(parts))) < TOL
+
+
+def test_first_batch_with_a_nan_does_not_decentre_the_next_ones():
+    # The first batch sets the shift the next ones are centred on; its NaN must not
+    # turn that shift into 0 for a feature whose mean is 1e4 standard deviations.
+    rng = np.random.default_rng(12)
+    parts = [_rows(rng, 400, 32, 1e4).astype(np.float32) for _ in range(4)]
+    first = parts[0].copy()
+    first[3, 7] = np.nan
+    acc = _accumulate(torch.from_numpy(p) for p in [first, *parts[1:]])
+    assert acc.skipped_batches == 1
+    assert rel_err(acc.fix().numpy(), np_cov(np.concatenate(parts[1:]))) < TOL
 
 
 def test_merge_and_state_assignment_round_trip():
