@@ -45,6 +45,9 @@ _FLOAT32_MIN_FEATURES = 16
 _SHIFT_EVERY = 8
 # Rows a new epoch's first shift is estimated from.
 _SHIFT_SAMPLE_ROWS = 4096
+# From this many features on, a batch's Gram blocks are gated and added to the state one
+# by one: two passes over features² values cost as much as a sizeable part of the product.
+_BLOCKWISE_FEATURES = 512
 # Below this many multiply-adds (rows × features²) a product is not split into blocks.
 _MIN_TRIANGLE_WORK = 2**22
 # A workspace larger than this is not kept between batches.
@@ -116,8 +119,8 @@ def _centred_gram(
 
     ``x`` has shape ``(..., features)``: every index of the leading dimensions is a row.
     Only the lower block triangle of the Gram matrix (blocks given by ``bounds``) is
-    computed; the blocks above it are zero. It is float64 when it was summed over row
-    blocks, else ``work``.
+    computed; the blocks above it are zero, or undefined from ``_BLOCKWISE_FEATURES``
+    features on. It is float64 when it was summed over row blocks, else ``work``.
     """
     features = x.shape[-1]
     rows = x.numel() // features
@@ -152,7 +155,10 @@ def _centred_gram(
     if blocks == 1 and (len(bounds) == 2 or rows * features * features < _MIN_TRIANGLE_WORK):
         # One full product: for a small one, extra calls would cost more than they save.
         return chunks[0] @ chunks[0].T, sums
-    gram = torch.zeros(features, features, dtype=dtype, device=x.device)
+    # Wide blocks are added to the state one by one (see _add_batch), so the blocks
+    # above the diagonal are never read: no need to zero them.
+    new = torch.empty if features >= _BLOCKWISE_FEATURES else torch.zeros
+    gram = new(features, features, dtype=dtype, device=x.device)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         part = gram[start:stop, :stop]
         if blocks == 1:
@@ -416,7 +422,11 @@ class TorchCovarianceMatrix:
         # non-finite. The batch is then dropped on the device: no host round trip.
         ok = torch.isfinite(gram.trace())
         bad = ~ok
-        self._gram.add_(gram.masked_fill_(bad, 0.0))
+        if self._dim >= _BLOCKWISE_FEATURES:
+            for start, stop in zip(self._bounds[:-1], self._bounds[1:]):
+                self._gram[start:stop, :stop].add_(gram[start:stop, :stop].masked_fill_(bad, 0.0))
+        else:
+            self._gram.add_(gram.masked_fill_(bad, 0.0))
         self._sum.add_(sums.masked_fill_(bad, 0.0))
         self._n.add_(ok, alpha=rows)
         self._skipped.add_(bad)

@@ -142,13 +142,14 @@ def test_uneven_row_blocks_and_feature_counts():
 # ------------------------------------------------------------------ state handling
 
 
-def test_non_finite_batch_in_a_float32_window_is_skipped():
+@pytest.mark.parametrize("d", [64, 520])
+def test_non_finite_batch_among_float32_batches_is_skipped(d):
     rng = np.random.default_rng(8)
-    parts = [_rows(rng, 500, 64, 1e4).astype(np.float32) for _ in range(11)]
+    parts = [_rows(rng, 500, d, 1e4).astype(np.float32) for _ in range(11)]
     bad = parts[4].copy()
     bad[17, 5] = np.nan
     bad2 = parts[6].copy()
-    bad2[0, 63] = np.inf
+    bad2[0, d - 1] = np.inf
     acc = _accumulate(torch.from_numpy(p) for p in [*parts[:4], bad, *parts[4:6], bad2, *parts[6:]])
     assert acc.skipped_batches == 2 and acc.count == 11 * 500
     assert rel_err(acc.fix().numpy(), np_cov(np.concatenate(parts))) < TOL
