@@ -50,7 +50,9 @@ def to_data_matrix(
         sequence = output[0] if isinstance(output, tuple) else output
         return _recurrent(sequence, module.batch_first, timeseries_method, limit)
     if isinstance(module, CONV_TYPES):
-        return _convolution(output, conv_method, interpolation_strategy, interpolation_downsampling, limit)
+        return _convolution(
+            output, len(module.kernel_size), conv_method, interpolation_strategy, interpolation_downsampling, limit
+        )
     return _dense(output, timeseries_method, limit)
 
 
@@ -65,11 +67,13 @@ def _dense(x: torch.Tensor, timeseries_method: str, limit: Optional[int]):
     return x.reshape(-1, x.shape[-1]), batch
 
 
-def _convolution(x: torch.Tensor, method: str, strategy: Optional[str], size: int, limit: Optional[int]):
-    spatial_rank = x.dim() - 2
-    if spatial_rank < 1:  # unbatched input: (C, *spatial)
+def _convolution(
+    x: torch.Tensor, spatial_rank: int, method: str, strategy: Optional[str], size: int, limit: Optional[int]
+):
+    # The layer's own rank tells an unbatched (C, *spatial) output from a batch: a
+    # Conv2d output of dim 3 is one image, not a batch of C maps.
+    if x.dim() == spatial_rank + 1:
         x = x.unsqueeze(0)
-        spatial_rank = x.dim() - 2
     if limit is not None:
         x = x[:limit]
     batch, channels = x.shape[0], x.shape[1]

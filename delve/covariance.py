@@ -55,8 +55,9 @@ class TorchCovarianceMatrix:
         self.device = torch.device(device) if device is not None else None
         self.float64_products = bool(float64_products)
         self._lock = threading.Lock()
-        # The shift that batches are centred on before their Gram product. It survives
-        # reset(): last epoch's mean is the best guess for this epoch's.
+        # The shift that batches are centred on before their Gram product: the first
+        # batch's own mean, then the running mean. reset() drops it, because weights
+        # move between epochs and a stale shift far from the data costs float32 digits.
         self._shift: Optional[torch.Tensor] = None
         self.n: Optional[torch.Tensor] = None
         self.mean: Optional[torch.Tensor] = None
@@ -93,6 +94,7 @@ class TorchCovarianceMatrix:
                 self.mean.zero_()
                 self.scatter.zero_()
                 self.skipped.zero_()
+            self._shift = None
 
     # ----------------------------------------------------------------- update
     @torch.no_grad()
