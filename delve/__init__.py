@@ -3,6 +3,7 @@
 import logging
 
 from delve.covariance import TorchCovarianceMatrix
+from delve.tools import reconstruct_csv_from_npy_data
 from delve.tracker import CheckLayerSat, SaturationTracker
 
 __version__ = "0.2.0"
@@ -12,6 +13,7 @@ __all__ = [
     "SaturationTracker",
     "TorchCovarianceMatrix",
     "__version__",
+    "reconstruct_csv_from_npy_data",
 ]
 
 # A library never configures logging for its user; it only makes sure it stays silent

@@ -390,13 +390,15 @@ class CheckLayerSat:
                 if not self.layerwise_sat:
                     continue
                 for stat in wanted:
+                    if stat not in result:  # arrays of a stopped epoch: there is nothing to report
+                        continue
                     key = f"{mode}-{STATMAP[stat]}_{name}"
                     if stat == "embed":
                         embeds[key] = result[stat]
                     else:
                         values[key] = result[stat]
-            if self.average_sat:
-                values[f"average-{mode}-sat"] = float(np.mean(saturations)) if saturations else math.nan
+            if self.average_sat and saturations:
+                values[f"average-{mode}-sat"] = float(np.mean(saturations))
         return values, embeds
 
     def _layer_result(self, name: str, mode: str, stats: List[str]) -> Optional[Dict[str, Any]]:

@@ -8,14 +8,20 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from delve.metrics import STATMAP
 from delve.writers.base import AbstractWriter, CompositWriter
 from delve.writers.csv_writer import CSVWriter
+from delve.writers.npy_writer import NPYWriter
+from delve.writers.plot_writer import CSVandPlottingWriter
 from delve.writers.print_writer import PrintWriter
+from delve.writers.tensorboard_writer import TensorBoardWriter
 
 __all__ = [
     "AbstractWriter",
     "CSVWriter",
+    "CSVandPlottingWriter",
     "CompositWriter",
+    "NPYWriter",
     "PrintWriter",
     "STATMAP",
+    "TensorBoardWriter",
     "WRITERS",
     "build_writer",
 ]
@@ -25,6 +31,13 @@ WRITERS: Dict[str, type] = {
     "csv": CSVWriter,
     "print": PrintWriter,
     "console": PrintWriter,
+    "npy": NPYWriter,
+    "tensorboard": TensorBoardWriter,
+    "tb": TensorBoardWriter,
+    "plot": CSVandPlottingWriter,
+    "csvplot": CSVandPlottingWriter,
+    "plotcsv": CSVandPlottingWriter,
+    "csvplotting": CSVandPlottingWriter,
 }
 
 WriterSpec = Union[str, AbstractWriter, Sequence[Union[str, AbstractWriter]]]

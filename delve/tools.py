@@ -1,0 +1,136 @@
+"""Working with saved runs: rebuild the CSV table from an npy folder, at any saturation threshold."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from numbers import Real
+from typing import Dict, Iterable, List, Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from delve.metrics import STATMAP, layer_statistics
+from delve.writers.base import parse_key
+from delve.writers.csv_writer import CSVWriter
+from delve.writers.npy_writer import epoch_file, load_index
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["reconstruct_csv_from_npy_data"]
+
+RECOMPUTABLE = ("lsat", "idim")
+_COV = STATMAP["cov"]
+_ARRAY_STATS = (STATMAP["cov"], STATMAP["spectrum"], STATMAP["embed"])
+
+
+def _check_arguments(thresh, stats) -> List[str]:
+    if thresh is not None and (isinstance(thresh, bool) or not isinstance(thresh, Real) or not 0 < thresh <= 1):
+        raise ValueError(f"thresh must lie in (0, 1] or be None, got {thresh!r}")
+    stats = [stats] if isinstance(stats, str) else list(stats)
+    unknown = [s for s in stats if s not in RECOMPUTABLE]
+    if unknown:
+        raise ValueError(f"stats {unknown} cannot be recomputed from a covariance; valid: {list(RECOMPUTABLE)}")
+    return stats
+
+
+def _load_scalar(path: str):
+    # A memory map reads the header only: arrays that are not scalars are never loaded.
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return array[()].item() if array.ndim == 0 else None
+
+
+def reconstruct_csv_from_npy_data(
+    npywriter_out_path: str,
+    savefile: Optional[str] = None,
+    thresh: Optional[float] = None,
+    stats: Union[str, Iterable[str]] = RECOMPUTABLE,
+) -> pd.DataFrame:
+    """Rebuild the CSV writer's table from the folder an :class:`~delve.writers.NPYWriter` wrote.
+
+    Parameters
+    ----------
+    npywriter_out_path : str
+        The npy folder (the tracker's ``savefile`` when it used ``save_to='npy'``).
+    savefile : str, optional
+        If given, also write the table to ``{savefile}.csv`` (the CSV writer's format).
+    thresh : float, optional
+        A new saturation threshold in (0, 1]. The ``stats`` are then recomputed from the
+        stored covariance matrices (the run must have tracked ``cov``); a value the
+        folder holds for a layer and mode without a covariance is left out, since it
+        was computed at another threshold.
+    stats : iterable of {'lsat', 'idim'}, default ('lsat', 'idim')
+        The stats recomputed with ``thresh`` for every stored covariance; their columns
+        are added if the run did not track them. Recomputed saturation also updates
+        the ``average-{mode}-sat`` columns.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index: epoch; columns as the CSV writer orders them (user scalars, train
+        stats, eval stats; layers in tracking order).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder does not exist, or ``thresh`` is given and it holds no covariance matrix.
+    ValueError
+        For a bad ``thresh`` or ``stats``, or a malformed state file.
+
+    """
+    stats = _check_arguments(thresh, stats)
+    entries = load_index(npywriter_out_path)
+    parsed = {key: parse_key(key) for key, _, _ in entries}
+    recompute = thresh is not None and bool(stats)
+    if recompute and not any(p is not None and p[1] == _COV for p in parsed.values()):
+        raise FileNotFoundError(
+            f"{npywriter_out_path!r} holds no covariance matrix to recompute {stats} at thresh={thresh}; "
+            "track the 'cov' stat with the npy writer to allow it"
+        )
+    rebuilt = {f"{mode}-{STATMAP[stat]}_{layer}" for mode, _, layer in
+               (p for p in parsed.values() if p is not None and p[1] == _COV) for stat in stats}
+    replaced = {STATMAP[stat] for stat in stats} if recompute else set()
+    cov_modes = {p[0] for p in parsed.values() if p is not None and p[1] == _COV}
+    averages = {f"average-{mode}-sat" for mode in ("train", "eval")} if recompute and "lsat" in stats else set()
+
+    table = CSVWriter(savefile if savefile is not None else "")
+    dropped: Dict[str, None] = {}
+    for epoch in sorted({e for _, _, epochs in entries for e in epochs}):
+        row: OrderedDict[str, float] = OrderedDict()
+        recomputed: Dict[str, List[float]] = {}
+        for key, folder, epochs in entries:
+            if epoch not in epochs:
+                continue
+            info = parsed[key]
+            path = epoch_file(npywriter_out_path, folder, epoch)
+            if recompute and info is not None and info[1] == _COV:
+                mode, _, layer = info
+                values = layer_statistics(np.load(path, allow_pickle=False), stats, thresh)
+                for stat in stats:
+                    # Assigning to a key already in the row keeps its position.
+                    row[f"{mode}-{STATMAP[stat]}_{layer}"] = float(values[stat])
+                if "lsat" in values:
+                    recomputed.setdefault(mode, []).append(float(values["lsat"]))
+            elif info is not None and info[1] in _ARRAY_STATS:
+                continue
+            elif recompute and info is not None and (key in rebuilt or (key in averages and info[0] in cov_modes)):
+                # Its position is kept; the value comes from the covariance (or the average below).
+                row.setdefault(key, math.nan)
+            elif recompute and info is not None and (info[1] in replaced or key in averages):
+                dropped[key] = None  # computed at the old threshold, and nothing to recompute it from
+            else:
+                value = _load_scalar(path)
+                if value is not None:
+                    row[key] = value
+        for average in averages & set(row):
+            mode = parse_key(average)[0]
+            row[average] = float(np.mean(recomputed[mode])) if recomputed.get(mode) else math.nan
+        table.add_scalars("", row, global_step=epoch)
+    if dropped:
+        logger.warning(
+            "no covariance stored for %s: left out rather than mixed with values at thresh=%s", list(dropped), thresh
+        )
+    if savefile is not None:
+        table.save()
+    return table.table()

@@ -1,0 +1,332 @@
+"""CheckLayerSat end to end: every recorded statistic against numpy on captured outputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+
+from delve import CheckLayerSat, SaturationTracker
+from delve.metrics import STATMAP
+from delve.writers import AbstractWriter
+from tests.reference import OutputCapture, np_stats
+
+STATS = ["idim", "lsat", "trc", "dtrc", "det"]
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear1 = nn.Linear(10, 8)
+        self.linear2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.linear2(torch.relu(self.linear1(x)))
+
+
+def assert_matches(values, name, mode, rows, stats=STATS, thresh=0.99):
+    ref = np_stats(np.concatenate(rows), thresh)
+    for stat in stats:
+        key = f"{mode}-{STATMAP[stat]}_{name}"
+        if stat == "idim":
+            assert values[key] == ref["idim"], key
+        elif stat == "det":
+            assert values[key] == pytest.approx(ref["det"], rel=1e-5, abs=1e-30), key
+        else:
+            assert values[key] == pytest.approx(ref[stat], rel=1e-6), key
+
+
+def train_eval_epochs(model, tracker, capture, make_batch, epochs=3, train_batches=4, eval_batches=2, lr=0.05):
+    """Run epochs with SGD steps between batches; yield (values, captured outputs) per epoch."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        model.train()
+        for _ in range(train_batches):
+            out = model(make_batch())
+            out = out[0] if isinstance(out, tuple) else out
+            loss = out.float().pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            for _ in range(eval_batches):
+                model(make_batch())
+        model.train()
+        yield tracker.add_saturations(), capture
+
+
+def test_linear_layers_epoch_statistics_both_modes():
+    torch.manual_seed(0)
+    model = MLP()
+    tracker = CheckLayerSat("unused", "csv", model, stats=STATS, nosave=True)
+    capture = OutputCapture(tracker.layers)
+    assert list(tracker.layers) == ["linear1", "linear2"]
+    for values, cap in train_eval_epochs(model, tracker, capture, lambda: torch.randn(16, 10) * 3 + 1):
+        for name in tracker.layers:
+            for mode in ("train", "eval"):
+                assert_matches(values, name, mode, cap.take(name, mode))
+    tracker.close()
+
+
+def test_reset_covariance_false_accumulates_over_epochs():
+    torch.manual_seed(1)
+    model = MLP()
+    tracker = CheckLayerSat("unused", "csv", model, stats=["trc", "idim"], nosave=True, reset_covariance=False)
+    capture = OutputCapture(tracker.layers)
+    seen = []
+    for values, cap in train_eval_epochs(model, tracker, capture, lambda: torch.randn(8, 10), eval_batches=0):
+        seen.extend(cap.take("linear1", "train"))
+        assert_matches(values, "linear1", "train", seen, stats=["trc", "idim"])
+
+
+@pytest.mark.parametrize("method", ["channelwise", "mean", "max", "median", "flatten"])
+def test_conv2d_methods(method):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3, stride=2))
+    tracker = CheckLayerSat("unused", "csv", model, stats=STATS, conv_method=method, nosave=True)
+    capture = OutputCapture(tracker.layers)
+
+    def reshape(out):
+        b, c = out.shape[:2]
+        if method == "channelwise":
+            return np.moveaxis(out, 1, -1).reshape(-1, c)
+        if method == "flatten":
+            return out.reshape(b, -1)
+        flat = out.reshape(b, c, -1)
+        if method == "mean":
+            return flat.mean(-1)
+        if method == "max":
+            return flat.max(-1)
+        return np.sort(flat, -1)[..., (flat.shape[-1] - 1) // 2]  # lower median
+
+    batches = lambda: torch.randn(6, 3, 7, 7)  # noqa: E731
+    for values, cap in train_eval_epochs(model, tracker, capture, batches, epochs=2, train_batches=3):
+        for name in ("0", "2"):
+            for mode in ("train", "eval"):
+                assert_matches(values, name, mode, [reshape(o) for o in cap.take(name, mode)])
+
+
+def test_conv_interpolation_resizes_large_maps():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    tracker = CheckLayerSat(
+        "unused", "csv", [conv], stats=["trc", "idim"], interpolation_strategy="bilinear",
+        interpolation_downsampling=5, nosave=True,
+    )
+    rows = []
+    for _ in range(3):
+        out = conv(torch.randn(4, 2, 12, 12))
+        small = torch.nn.functional.interpolate(out.detach(), size=(5, 5), mode="bilinear")
+        rows.append(small.permute(0, 2, 3, 1).reshape(-1, 4).double().numpy())
+    values = tracker.add_saturations()
+    assert_matches(values, "Module-0-Conv2d", "train", rows, stats=["trc", "idim"])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("method", ["last_timestep", "timestepwise"])
+def test_lstm_padded_sequences(batch_first, method):
+    torch.manual_seed(4)
+    lstm = nn.LSTM(4, 6, batch_first=batch_first)
+    tracker = CheckLayerSat("unused", "csv", [lstm], stats=STATS, timeseries_method=method, nosave=True)
+    rows = []
+    for _ in range(3):
+        x = torch.randn(5, 7, 4)  # (batch, time, features)
+        out, _ = lstm(x if batch_first else x.transpose(0, 1))
+        out = out.detach().double().numpy()
+        bt = out if batch_first else out.transpose(1, 0, 2)
+        rows.append(bt[:, -1] if method == "last_timestep" else bt.reshape(-1, 6))
+    assert_matches(tracker.add_saturations(), "Module-0-LSTM", "train", rows)
+
+
+@pytest.mark.parametrize("method", ["last_timestep", "timestepwise"])
+def test_lstm_packed_sequences_use_valid_steps_only(method):
+    torch.manual_seed(5)
+    lstm = nn.LSTM(3, 4, batch_first=True, bidirectional=True)
+    tracker = CheckLayerSat("unused", "csv", [lstm], stats=STATS, timeseries_method=method, nosave=True)
+    rows = []
+    for _ in range(3):
+        seqs = [torch.randn(n, 3) for n in (6, 2, 4, 5)]
+        lstm(pack_sequence(seqs, enforce_sorted=False))
+        with torch.no_grad():  # reference: each sequence alone, no padding at all
+            for seq in seqs:
+                alone = lstm(seq.unsqueeze(0))[0][0].double().numpy()
+                rows.append(alone[-1:] if method == "last_timestep" else alone)
+    assert_matches(tracker.add_saturations(), "Module-0-LSTM", "train", rows)
+
+
+def test_log_interval_and_max_samples():
+    torch.manual_seed(6)
+    layer = nn.Linear(4, 4)
+    tracker = CheckLayerSat("unused", "csv", layer, stats=["trc", "idim"], log_interval=2, max_samples=25,
+                            nosave=True)
+    for _epoch in range(2):
+        batches = [torch.randn(10, 4) * (i + 1) for i in range(8)]
+        outputs = [layer(b).detach().double().numpy() for b in batches]
+        # passes 2, 4, 6, 8 are due; 25 samples stop after 10 + 10 + 5 (the third is cut)
+        expected = [outputs[1], outputs[3], outputs[5][:5]]
+        assert_matches(tracker.add_saturations(), "Module-0-Linear", "train", expected, stats=["trc", "idim"])
+
+
+def test_stop_and_resume():
+    layer = nn.Linear(3, 2)
+    tracker = CheckLayerSat("unused", "csv", [layer], stats=["lsat", "trc", "cov", "spectrum"], nosave=True)
+    tracker.stop()
+    assert not tracker.is_recording()
+    layer(torch.randn(8, 3))
+    values = tracker.add_saturations()
+    assert math.isnan(values["train-saturation_Module-0-Linear"])
+    assert math.isnan(values["train-covariance-trace_Module-0-Linear"])
+    assert "train-covariance-matrix_Module-0-Linear" not in values
+    tracker.resume()
+    assert tracker.is_recording()
+    rows = [layer(torch.randn(8, 3)).detach().double().numpy()]
+    assert_matches(tracker.add_saturations(), "Module-0-Linear", "train", rows, stats=["lsat", "trc"])
+
+
+def test_mode_suffixed_stats_and_averages():
+    torch.manual_seed(7)
+    model = MLP()
+    tracker = CheckLayerSat("unused", "csv", model, stats=["lsat_eval", "idim_train"], average_sat=True,
+                            nosave=True)
+    capture = OutputCapture(tracker.layers)
+    (values, cap), = list(train_eval_epochs(model, tracker, capture, lambda: torch.randn(12, 10), epochs=1))
+    assert set(values) == {
+        "train-intrinsic-dimensionality_linear1", "train-intrinsic-dimensionality_linear2",
+        "eval-saturation_linear1", "eval-saturation_linear2", "average-train-sat", "average-eval-sat",
+    }
+    train_lsat = [np_stats(np.concatenate(cap.take(n, "train")))["lsat"] for n in ("linear1", "linear2")]
+    eval_lsat = [np_stats(np.concatenate(cap.take(n, "eval")))["lsat"] for n in ("linear1", "linear2")]
+    assert values["average-train-sat"] == pytest.approx(np.mean(train_lsat))
+    assert values["average-eval-sat"] == pytest.approx(np.mean(eval_lsat))
+    assert values["eval-saturation_linear1"] == pytest.approx(eval_lsat[0])
+
+
+def test_layerwise_sat_false_keeps_only_averages():
+    model = MLP()
+    tracker = CheckLayerSat("unused", "csv", model, stats=["lsat"], average_sat=True, layerwise_sat=False,
+                            nosave=True)
+    model(torch.randn(20, 10))
+    assert set(tracker.add_saturations()) == {"average-train-sat"}
+
+
+def test_embed_projects_recorded_samples():
+    torch.manual_seed(8)
+    layer = nn.Linear(5, 4)
+    tracker = CheckLayerSat("unused", "csv", [layer], stats=["embed", "lsat"], nosave=True)
+    rows = [layer(torch.randn(700, 5)).detach().double().numpy() for _ in range(2)]
+    _, embeds = tracker.compute_statistics()
+    data = np.concatenate(rows)
+    ref = np_stats(data)
+    _, vecs = np.linalg.eigh(ref["cov"])
+    expected = (data[:1000] - data.mean(0)) @ vecs[:, ::-1][:, :2]
+    got = embeds["train-embedded-sample_Module-0-Linear"]
+    assert got.shape == (1000, 2)
+    for column in range(2):
+        sign = np.sign(got[:, column] @ expected[:, column])
+        np.testing.assert_allclose(sign * got[:, column], expected[:, column], atol=1e-4)
+
+
+def test_layer_names_for_models_lists_and_containers():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), nn.Flatten(), nn.Linear(8, 2))
+    assert list(CheckLayerSat("u", "csv", model, nosave=True).layers) == ["0-0", "2"]
+    head = nn.Linear(2, 2)
+    block = nn.Sequential(nn.Linear(2, 3), nn.LSTM(3, 3))
+    names = CheckLayerSat("u", "csv", [head, block, head], nosave=True).layers
+    assert list(names) == ["Module-0-Linear", "0", "1"]
+    assert list(CheckLayerSat("u", "csv", model, include_conv=False, nosave=True).layers) == ["2"]
+    assert list(CheckLayerSat("u", "csv", model, ignore_layer_names=["2"], nosave=True).layers) == ["0-0"]
+    only_linear = CheckLayerSat(
+        "u", "csv", model, nosave=True,
+        layer_filter=lambda layers: {k: v for k, v in layers.items() if isinstance(v, nn.Linear)},
+    )
+    assert list(only_linear.layers) == ["2"]
+    # Two containers with the same inner paths still get unique names.
+    twins = CheckLayerSat("u", "csv", [nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2))],
+                          nosave=True)
+    assert list(twins.layers) == ["0", "Module-1-0"]
+
+
+def test_close_removes_every_hook():
+    model = MLP()
+    before = {name: len(m._forward_hooks) for name, m in model.named_modules()}
+    tracker = CheckLayerSat("u", "csv", model, nosave=True)
+    assert len(model.linear1._forward_hooks) == before["linear1"] + 1
+    tracker.close()
+    tracker.close()  # idempotent
+    assert {name: len(m._forward_hooks) for name, m in model.named_modules()} == before
+    with pytest.raises(RuntimeError, match="closed"):
+        tracker.add_saturations()
+
+
+def test_context_manager_and_alias(tmp_path):
+    assert SaturationTracker is CheckLayerSat
+    layer = nn.Linear(2, 2)
+    with SaturationTracker(str(tmp_path / "run"), "csv", layer) as tracker:
+        layer(torch.randn(4, 2))
+        tracker.add_saturations()
+    assert not layer._forward_hooks
+    assert (tmp_path / "run.csv").exists()
+
+
+def test_device_follows_activations_or_is_honoured():
+    layer = nn.Linear(3, 3)
+    for device in (None, "cpu", torch.device("cpu")):
+        tracker = CheckLayerSat("u", "csv", layer, nosave=True, device=device)
+        layer(torch.randn(5, 3))
+        assert tracker._state[("Module-0-Linear", "train")].cov.mean.device.type == "cpu"
+        tracker.close()
+
+
+def test_half_precision_model_outputs():
+    torch.manual_seed(9)
+    layer = nn.Linear(6, 5).to(torch.bfloat16)
+    tracker = CheckLayerSat("u", "csv", [layer], stats=["trc", "idim"], nosave=True)
+    rows = [layer(torch.randn(32, 6, dtype=torch.bfloat16)).detach().double().numpy() for _ in range(3)]
+    assert_matches(tracker.add_saturations(), "Module-0-Linear", "train", rows, stats=["trc", "idim"])
+
+
+def test_gradients_never_flow_into_the_tracker():
+    layer = nn.Linear(3, 3)
+    tracker = CheckLayerSat("u", "csv", layer, nosave=True)
+    out = layer(torch.randn(4, 3, requires_grad=True))
+    out.sum().backward()
+    state = tracker._state[("Module-0-Linear", "train")].cov
+    assert not state.scatter.requires_grad and not state.mean.requires_grad
+
+
+class RecordingWriter(AbstractWriter):
+    def __init__(self):
+        self.calls = []
+
+    def add_scalar(self, name, value, **kwargs):
+        self.calls.append(("scalar", name, value, kwargs))
+
+    def add_scalars(self, prefix, value_dict, **kwargs):
+        self.calls.append(("scalars", prefix, dict(value_dict), kwargs))
+
+    def save(self):
+        self.calls.append(("save",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_user_writer_receives_global_step_and_user_scalars_last_value_wins():
+    writer = RecordingWriter()
+    layer = nn.Linear(3, 2)
+    tracker = CheckLayerSat("u", writer, layer, stats=["lsat", "embed"], initial_epoch=5)
+    layer(torch.randn(6, 3))
+    tracker.add_scalar("loss", 2.0)
+    tracker.add_scalar("loss", torch.tensor(1.5))
+    tracker.add_saturations()
+    tracker.close()
+    kinds = [c[0] for c in writer.calls]
+    assert kinds == ["scalar", "scalars", "save", "close"]
+    assert writer.calls[0][1:3] == ("loss", 1.5) and writer.calls[0][3]["global_step"] == 5
+    _, prefix, values, kwargs = writer.calls[1]
+    assert prefix == "" and kwargs["global_step"] == 5
+    assert set(values) == {"train-saturation_Module-0-Linear"}
+    assert kwargs["sample_value_dict"]["train-embedded-sample_Module-0-Linear"].shape == (6, 2)
