@@ -66,6 +66,7 @@ def load_run_csv(path: str) -> pd.DataFrame:
         writer's output.
 
     """
+    from delve.plotting import read_table  # matplotlib is imported by the drawing functions only
     from delve.writers.base import parse_key
 
     if os.path.isdir(path):
@@ -73,7 +74,7 @@ def load_run_csv(path: str) -> pd.DataFrame:
     if not os.path.exists(path):
         raise CommandError(f"no such file: {path}")
     try:
-        table = pd.read_csv(path, sep=";", index_col=0)
+        table = read_table(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
         raise CommandError(f"{path} is not a CSV written by delve's csv writer: {_one_line(err)}") from None
     except OSError as err:
@@ -230,7 +231,7 @@ def _summary(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
     from delve.demo import run_demo
-    from delve.writers import WRITERS
+    from delve.writers import WRITERS, CSVWriter
 
     if args.epochs < 1 or args.batches < 1:
         raise CommandError(f"--epochs and --batches must be at least 1, got {args.epochs} and {args.batches}")
@@ -238,7 +239,10 @@ def _demo(args: argparse.Namespace) -> int:
     if unknown:  # before any data is made
         raise CommandError(f"unknown writer {unknown[0]!r}; valid keys are {sorted(WRITERS)}")
     path = run_demo(args.savefile, epochs=args.epochs, batches=args.batches, save_to=args.save_to, seed=args.seed)
-    print(f"wrote {path}")
+    if any(issubclass(WRITERS[key], CSVWriter) for key in args.save_to):
+        print(f"wrote {path}")
+    else:  # no CSV file: name what was written instead
+        print(f"wrote {os.path.abspath(args.savefile)} ({' '.join(args.save_to)})")
     return 0
 
 

@@ -142,10 +142,10 @@ def test_summary_csv_matches_numpy(tracked_run):
     assert flags["low/train"] == "low" and flags["mid/train"] == "" and flags["full/train"] == "high"
 
 
-def test_summary_text_and_thresholds(tracked_run):
+def test_summary_text_and_thresholds(tracked_run, capsys):
     path, last_rows = tracked_run
-    done = delve("summary", path, "--low", "0.02", "--high", "0.95", "--mode", "train", check_rc=0)
-    lines = done.stdout.splitlines()
+    assert main(["summary", str(path), "--low", "0.02", "--high", "0.95", "--mode", "train"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{path}: 3 epoch(s), 3 layer(s)"
     # User scalars and averages of the last epoch head the table.
     assert lines[1].startswith("epoch 2: test-loss=0.3333, average-train-sat=")
@@ -283,3 +283,148 @@ def test_help_for_every_command(capsys, command):
 def test_debug_shows_the_traceback(malformed):
     with pytest.raises(Exception, match="not written by delve's csv writer"):
         main(["--debug", "summary", str(malformed / "other.csv")])
+
+
+# ------------------------------------------------------------------------------ plot
+def decode_heatmap(path, n_rows, n_cols, vmin=0.0, vmax=1.0):
+    """Read back the values of a viridis heatmap PNG: a (rows, cols) array, NaN for blank cells.
+
+    The heatmap is the widest run of image columns full of colormap colours (the colour
+    bar is the narrow one); each cell's colour is mapped back through the colormap.
+    """
+    from matplotlib import colormaps
+    from matplotlib.image import imread
+
+    rgb = imread(path)[:, :, :3].astype(np.float64)
+    lut = colormaps["viridis"](np.linspace(0, 1, 256))[:, :3]
+    # Nearest colormap entry of each distinct colour (a PNG has few), then of each pixel.
+    colours, inverse = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
+    gaps = np.linalg.norm(colours[:, None, :] - lut[None], axis=-1)
+    index = gaps.argmin(1)[inverse.ravel()].reshape(rgb.shape[:2])
+    heat = (gaps.min(1)[inverse.ravel()] < 0.01).reshape(rgb.shape[:2])
+    columns = heat.sum(0) > 0.2 * heat.shape[0]
+    runs, start = [], None
+    for x, on in enumerate(np.append(columns, False)):
+        if on and start is None:
+            start = x
+        elif not on and start is not None:
+            runs.append((start, x))
+            start = None
+    left, right = max(runs, key=lambda run: run[1] - run[0])
+    rows = np.flatnonzero(heat[:, left:right].sum(1) > 0)
+    top, bottom = rows[0], rows[-1] + 1
+    cell_h, cell_w = (bottom - top) / n_rows, (right - left) / n_cols
+    values = np.full((n_rows, n_cols), np.nan)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            # A point a quarter into the cell: away from its edges and its centred label.
+            y, x = int(top + (r + 0.25) * cell_h), int(left + (c + 0.25) * cell_w)
+            if heat[y, x]:
+                values[r, c] = vmin + (vmax - vmin) * index[y, x] / 255
+    return values
+
+
+def test_plot_draws_epochs_and_decodable_heatmaps(tracked_run, tmp_path):
+    path, _ = tracked_run
+    prefix = tmp_path / "pictures" / "run"
+    prefix.parent.mkdir()
+    done = delve("plot", path, "-o", prefix, "--epochs", "0", "2", check_rc=0)
+    written = done.stdout.split()
+    stats, modes = ["lsat", "idim", "trc", "erank"], ["train", "eval"]
+    expected = {f"{prefix}_{s}_{m}_epoch_{e}.png" for s in stats for m in modes for e in (0, 2)}
+    expected |= {f"{prefix}_{s}_{m}_history.png" for s in stats for m in modes}
+    assert set(written) == expected and len(written) == len(expected)
+    assert all(os.path.getsize(p) > 0 for p in written)
+
+    table = pd.read_csv(path, sep=";", index_col=0)
+    layers = ["low", "mid", "full", "aux"]
+    truth = table[[f"eval-saturation_{layer}" for layer in layers]].to_numpy().T  # layers x epochs
+    # aux ran in the first epoch only: its later cells are blank.
+    assert np.isfinite(truth[3, 0]) and np.isnan(truth[3, 1:]).all()
+    decoded = decode_heatmap(f"{prefix}_lsat_eval_history.png", len(layers), 3)
+    np.testing.assert_array_equal(np.isnan(decoded), np.isnan(truth))
+    np.testing.assert_allclose(decoded[np.isfinite(truth)], truth[np.isfinite(truth)], atol=1.5 / 255)
+
+
+def test_plot_last_epoch_only_and_bad_output_folder(tmp_path, capsys):
+    model = nn.Linear(3, 4)
+    savefile = str(tmp_path / "small")
+    with CheckLayerSat(savefile, "csv", model, stats=["lsat_train"]) as tracker:
+        for _ in range(3):
+            model(torch.randn(10, 3))
+            tracker.add_saturations()
+    assert main(["plot", f"{savefile}.csv", "--last"]) == 0
+    assert capsys.readouterr().out.split() == [
+        f"{savefile}_lsat_train_epoch_2.png",
+        f"{savefile}_lsat_train_history.png",
+    ]
+    assert main(["plot", f"{savefile}.csv", "--epochs", "0", "7"]) == 1
+    assert "epochs [7] are not in" in capsys.readouterr().err
+    assert main(["plot", f"{savefile}.csv", "-o", str(tmp_path / "nowhere" / "x")]) == 1
+    assert "output folder" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
+
+
+# ------------------------------------------------------------------------- recompute
+@pytest.fixture(scope="module")
+def npy_run(tmp_path_factory):
+    """A 2-epoch run saved by the npy writer with covariances, and the rows our hook saw."""
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("npy")
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
+    mix = torch.randn(5, 5) * torch.linspace(2, 0.2, 5)
+    tracker = CheckLayerSat(str(folder / "run"), "npy", model, stats=["cov", "lsat", "idim"])
+    capture = OutputCapture(dict(tracker.layers))
+    rows = {}
+    for epoch in range(2):
+        for mode, batches in (("train", 3), ("eval", 2)):
+            model.train(mode == "train")
+            with torch.no_grad():
+                for _ in range(batches):
+                    model(torch.randn(20, 5) @ mix)
+        for name in tracker.layers:
+            for mode in ("train", "eval"):
+                rows[(epoch, name, mode)] = np.concatenate(capture.take(name, mode))
+        tracker.add_saturations()
+    tracker.close()
+    return folder / "run", list(tracker.layers), rows
+
+
+def check_table(table, layers, rows, thresh):
+    assert list(table.index) == [0, 1]
+    for (epoch, name, mode), layer_rows in rows.items():
+        ref = np_stats(layer_rows, thresh)
+        ratios = np.cumsum(ref["eig"]) / ref["eig"].sum()
+        assert np.min(np.abs(ratios - thresh)) > 1e-6  # not on the edge of a step
+        assert table.loc[epoch, f"{mode}-intrinsic-dimensionality_{name}"] == ref["idim"]
+        assert table.loc[epoch, f"{mode}-saturation_{name}"] == pytest.approx(ref["lsat"])
+    assert {c.split("_")[0] for c in table.columns} == {
+        "train-saturation", "train-intrinsic-dimensionality", "eval-saturation", "eval-intrinsic-dimensionality",
+    }  # fmt: skip
+
+
+def test_recompute_at_a_new_threshold(npy_run, tmp_path):
+    npydir, layers, rows = npy_run
+    out = tmp_path / "at80.csv"
+    done = delve("recompute", npydir, "--thresh", "0.8", "-o", out, check_rc=0)
+    assert done.stdout.strip() == f"wrote {out} (2 epoch(s), 8 column(s))"
+    check_table(pd.read_csv(out, sep=";", index_col=0), layers, rows, 0.8)
+
+
+def test_recompute_without_threshold_prints_the_stored_values(npy_run, capsys):
+    npydir, layers, rows = npy_run
+    assert main(["recompute", str(npydir)]) == 0
+    check_table(pd.read_csv(io.StringIO(capsys.readouterr().out), sep=";", index_col=0), layers, rows, 0.99)
+
+
+def test_recompute_needs_stored_covariances(tmp_path, capsys):
+    model = nn.Linear(3, 2)
+    with CheckLayerSat(str(tmp_path / "nocov"), "npy", model, stats=["lsat"]) as tracker:
+        model(torch.randn(5, 3))
+        tracker.add_saturations()
+    assert main(["recompute", str(tmp_path / "nocov"), "--thresh", "0.9", "-o", str(tmp_path / "o.csv")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds no covariance matrix" in err
+    assert not (tmp_path / "o.csv").exists()
+    assert main(["recompute", str(tmp_path / "nocov"), "--thresh", "1.5"]) == 1
+    assert "--thresh must lie in (0, 1]" in capsys.readouterr().err

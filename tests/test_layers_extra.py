@@ -119,8 +119,8 @@ CONV_LAYERS = {
     "Conv1d": (lambda: nn.Conv1d(3, 5, 3), (3, 11)),
     "Conv3d": (lambda: nn.Conv3d(2, 4, 3), (2, 5, 4, 5)),
     "ConvTranspose1d": (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2), (3, 6)),
-    "ConvTranspose2d": (lambda: nn.ConvTranspose2d(2, 4, 3, stride=2), (2, 3, 4)),
-    "ConvTranspose3d": (lambda: nn.ConvTranspose3d(2, 3, 2, stride=2), (2, 2, 3, 2)),
+    "ConvTranspose2d": (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2), (2, 2, 3)),
+    "ConvTranspose3d": (lambda: nn.ConvTranspose3d(2, 2, 2, stride=2), (2, 2, 2, 2)),
 }
 
 
