@@ -18,12 +18,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from delve.metrics import SCALAR_STATS, STATMAP
+from delve.metrics import SCALAR_STATS
 
 logger = logging.getLogger(__name__)
 
-#: Long stat name (as in CSV columns) -> short name (as in ``stats=[...]``).
-SHORT_NAMES: Dict[str, str] = {long: short for short, long in STATMAP.items()}
 MODES = ("train", "eval")
 DEFAULT_LOW = 0.1
 DEFAULT_HIGH = 0.9
@@ -99,16 +97,13 @@ def load_run_csv(path: str) -> pd.DataFrame:
 
 
 def layer_columns(columns: Sequence[str]) -> Dict[Tuple[str, str], Dict[str, str]]:
-    """Group per-layer columns: ``(mode, layer) -> {short stat: column}``, in column order."""
-    from delve.writers.base import parse_key
+    """Group per-layer scalar columns: ``(mode, layer) -> {short stat: column}``, layers in tracking order."""
+    from delve.plotting import stat_groups
 
     groups: Dict[Tuple[str, str], Dict[str, str]] = {}
-    for column in columns:
-        parsed = parse_key(str(column))
-        if parsed is None or parsed[2] is None:
-            continue
-        mode, long_name, layer = parsed
-        groups.setdefault((mode, layer), {})[SHORT_NAMES[long_name]] = column
+    for (stat, mode), pairs in stat_groups(columns).items():
+        for layer, column in pairs:
+            groups.setdefault((mode, layer), {})[stat] = column
     return groups
 
 
