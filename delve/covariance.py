@@ -223,3 +223,95 @@ class TorchCovarianceMatrix:
     def state_tensors(self) -> dict:
         """Return the state as plain tensors (for checkpointing or collective sync)."""
         return {"n": self.n, "mean": self.mean, "scatter": self.scatter, "skipped": self.skipped}
+
+    # ------------------------------------------------------------ distributed
+    @classmethod
+    def _from_state(cls, n, mean, scatter, skipped, like: TorchCovarianceMatrix) -> TorchCovarianceMatrix:
+        """Build an accumulator around given state tensors (they are not copied)."""
+        acc = cls(device=like.device, float64_products=like.float64_products)
+        acc.n, acc.mean, acc.scatter, acc.skipped = n, mean, scatter, skipped
+        return acc
+
+    def synced(self, group=None) -> TorchCovarianceMatrix:
+        """Return a new accumulator holding the rows that every rank of a process group has seen.
+
+        Every rank's count, mean and scatter are gathered and merged exactly, in rank
+        order, with the same pairwise update :meth:`merge` uses, so each rank gets the
+        same result: the statistics of the union of all ranks' rows, not an average
+        of per-rank covariances. ``self`` is left untouched, so syncing twice never
+        counts a row twice.
+
+        This is a collective call: every rank of ``group`` must make it, in the same
+        order, including ranks whose accumulator has seen no data (they contribute
+        nothing). Without an initialised process group of more than one rank it
+        returns a plain copy.
+
+        Parameters
+        ----------
+        group : torch.distributed.ProcessGroup, optional
+            The group to combine over; ``None`` is the default (world) group.
+
+        Returns
+        -------
+        TorchCovarianceMatrix
+            A new accumulator; it has no dimension if no rank has seen any data.
+
+        Raises
+        ------
+        ValueError
+            If ranks disagree on the feature dimension (all ranks raise together).
+
+        """
+        import torch.distributed as dist
+
+        copy = TorchCovarianceMatrix(device=self.device, float64_products=self.float64_products)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+            with self._lock:
+                return copy.merge(self)
+        world = dist.get_world_size(group)
+        # NCCL moves only CUDA tensors; every other backend is given host tensors.
+        if dist.get_backend(group) == "nccl":
+            comm = torch.device("cuda", torch.cuda.current_device())
+        else:
+            comm = torch.device("cpu")
+
+        # Dimensions first: a rank without data still has to know the payload size.
+        local_dim = torch.tensor([-1 if self.dim is None else self.dim], dtype=torch.int64, device=comm)
+        dims = [torch.empty_like(local_dim) for _ in range(world)]
+        dist.all_gather(dims, local_dim, group=group)
+        dims = [int(d.item()) for d in dims]
+        known = sorted({d for d in dims if d >= 0})
+        if not known:
+            return copy
+        if len(known) > 1:
+            raise ValueError(f"ranks disagree on the feature dimension: {dims} (rank order, -1 = no data)")
+        dim = known[0]
+
+        # One flat float64 message per rank: n, skipped, mean, scatter.
+        payload = torch.zeros(2 + dim + dim * dim, dtype=torch.float64, device=comm)
+        if self.mean is not None:
+            with self._lock:
+                payload[0] = self.n.to(comm)
+                payload[1] = self.skipped.to(comm, torch.float64)
+                payload[2 : 2 + dim] = self.mean.to(comm)
+                payload[2 + dim :] = self.scatter.to(comm).reshape(-1)
+        gathered = [torch.empty_like(payload) for _ in range(world)]
+        dist.all_gather(gathered, payload, group=group)
+
+        if self.mean is not None:
+            target = self.mean.device
+        else:
+            target = self.device if self.device is not None else comm
+        for rank, message in enumerate(gathered):
+            if dims[rank] < 0:
+                continue
+            message = message.to(target)
+            part = TorchCovarianceMatrix._from_state(
+                message[0],
+                message[2 : 2 + dim],
+                message[2 + dim :].reshape(dim, dim),
+                message[1].to(torch.int64),
+                like=self,
+            )
+            copy.merge(part)
+        return copy

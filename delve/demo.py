@@ -50,7 +50,7 @@ def run_demo(
     epochs: int = 8,
     batches: int = 16,
     batch_size: int = 32,
-    save_to: Union[str, Sequence[str]] = ("csv",),
+    save_to: Union[str, Sequence[str]] = "plot",
     seed: int = 0,
 ) -> str:
     """Train :class:`DemoNet` for a few epochs with a tracker attached; return the CSV path.

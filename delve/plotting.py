@@ -287,8 +287,9 @@ def history_figure(
     colorbar = figure.colorbar(image, ax=ax)
     colorbar.set_label(_long_label(stat), fontsize=fontsize)
     colorbar.ax.tick_params(labelsize=fontsize)
-    ax.set_yticks(np.arange(len(layers)))
-    ax.set_yticklabels(layers, fontsize=fontsize)
+    rows = np.arange(0, len(layers), max(1, int(math.ceil(len(layers) / 40))))  # at most ~40 layer labels
+    ax.set_yticks(rows)
+    ax.set_yticklabels([layers[i] for i in rows], fontsize=fontsize)
     step = max(1, int(math.ceil(len(epochs) / 20)))  # at most ~20 epoch labels
     ticks = np.arange(0, len(epochs), step)
     ax.set_xticks(ticks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -22,8 +23,9 @@ from torch import nn
 
 from delve import distributed
 from delve.activations import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS, to_data_matrix
+from delve.console import SaturationBars
 from delve.covariance import TorchCovarianceMatrix, covariance_bytes
-from delve.layers import discover_layers
+from delve.layers import CONV_TYPES, LINEAR_TYPES, RECURRENT_TYPES, discover_layers
 from delve.metrics import SCALAR_STATS, STATMAP, layer_statistics
 from delve.writers import AbstractWriter, WriterSpec, build_writer
 
@@ -37,22 +39,58 @@ DEFAULT_MAX_ACCUMULATOR_BYTES = 4 * 2**30
 class _LayerMode:
     """Everything recorded for one layer in one mode during the current epoch."""
 
-    __slots__ = ("cov", "calls", "seen", "samples", "sample_rows")
+    __slots__ = ("cov", "calls", "seen", "samples", "sample_rows", "device", "lock")
 
     def __init__(self, device, float64_products):
         self.cov = TorchCovarianceMatrix(device=device, float64_products=float64_products)
         self.calls = 0
         self.seen = 0
-        self.samples: List[torch.Tensor] = []
+        # (rows, all-finite flag of their batch); the flag stays on the device until the epoch ends.
+        self.samples: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.sample_rows = 0
+        # The device the accumulator lives on, fixed by the first batch (nn.DataParallel
+        # replicas on other GPUs send theirs there).
+        self.device: Optional[torch.device] = device
+        # Hooks of nn.DataParallel replicas run in threads.
+        self.lock = threading.Lock()
 
     def new_epoch(self, reset_covariance: bool) -> None:
-        if reset_covariance:
-            self.cov.reset()
-        self.calls = 0
-        self.seen = 0
-        self.samples = []
-        self.sample_rows = 0
+        with self.lock:
+            if reset_covariance:
+                self.cov.reset()
+            self.calls = 0
+            self.seen = 0
+            self.samples = []
+            self.sample_rows = 0
+
+    def finite_samples(self) -> Optional[torch.Tensor]:
+        """Return the recorded embedding rows, without those of batches the accumulator skipped."""
+        kept = [rows for rows, finite in self.samples if bool(finite)]
+        return torch.cat(kept) if kept else None
+
+
+def _known_feature_dim(module: nn.Module, conv_method: str) -> Optional[int]:
+    """Return the number of columns a layer's data matrix will have, if its definition tells.
+
+    ``None`` when it depends on the input (``conv_method='flatten'``, unknown types).
+    """
+    if isinstance(module, LINEAR_TYPES):
+        return module.out_features
+    if isinstance(module, CONV_TYPES):
+        return None if conv_method == "flatten" else module.out_channels
+    if isinstance(module, RECURRENT_TYPES):
+        size = module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
+        return size * (2 if module.bidirectional else 1)
+    return None
+
+
+def _human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def parse_stats(stats: Iterable[str]) -> Dict[str, List[str]]:
@@ -164,7 +202,8 @@ class CheckLayerSat:
     nosave : bool, default False
         Make no writer: statistics are only returned by :meth:`add_saturations`.
     verbose : bool, default False
-        Log each layer's saturation at every epoch end.
+        At every epoch end, log each layer's saturation and show it as one progress bar
+        per layer and mode on standard error (see :class:`delve.console.SaturationBars`).
     device : str or torch.device, optional
         Where accumulators live; ``None`` follows the activations.
     initial_epoch : int, default 0
@@ -242,7 +281,7 @@ class CheckLayerSat:
             ignore_layer_names = [ignore_layer_names]
         self.device = _check_device(device)
 
-        self.layers = discover_layers(modules, include_conv, ignore_layer_names, layer_filter)
+        self.layers = discover_layers(distributed.unwrap(modules), include_conv, ignore_layer_names, layer_filter)
         if not self.layers:
             raise ValueError(
                 "no trackable layer found: delve tracks Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
@@ -268,9 +307,17 @@ class CheckLayerSat:
         self.spectrum_k = int(spectrum_k)
         self.float64_products = bool(float64_products)
         self.max_accumulator_bytes = int(max_accumulator_bytes)
+        # Refuse an accumulator too big for memory now, before any hook, file or tensor
+        # exists; layers whose width depends on the input are checked at their first batch.
+        for name, layer in self.layers.items():
+            dim = _known_feature_dim(layer, conv_method)
+            if dim is not None and any(self.stats[mode] for mode in MODES):
+                self._check_memory(name, dim)
 
         self.writer: Optional[AbstractWriter] = None
-        if not nosave:
+        # Under torch.distributed only rank 0 writes, so the other ranks make no writer
+        # (some writers create files as they are built).
+        if not nosave and distributed.is_writer():
             folder = os.path.dirname(savefile)
             if folder:
                 os.makedirs(folder, exist_ok=True)
@@ -289,6 +336,7 @@ class CheckLayerSat:
         self._recording = True
         self._closed = False
         self._failed_layers: set = set()
+        self._bars = None  # the console view of verbose=True, made at the first epoch end
         self._hooks = [
             layer.register_forward_hook(self._make_hook(name)) for name, layer in self.layers.items()
         ]
@@ -307,46 +355,54 @@ class CheckLayerSat:
         state = self._state.get((name, mode))
         if state is None:
             return
-        state.calls += 1
-        if state.calls % self.log_interval:
-            return
-        remaining = None if self.max_samples is None else self.max_samples - state.seen
-        if remaining is not None and remaining <= 0:
-            return
-        try:
-            with torch.no_grad():
-                x, batch = to_data_matrix(
-                    module,
-                    output,
-                    self.conv_method,
-                    self.timeseries_method,
-                    self.interpolation_strategy,
-                    self.interpolation_downsampling,
-                    remaining,
-                )
-        except Exception:  # a layer whose output we cannot read must not stop training
-            if name not in self._failed_layers:
-                self._failed_layers.add(name)
-                logger.exception("layer %s: cannot make a data matrix from its output; it is skipped", name)
-            return
-        if state.cov.dim is None:
-            self._check_memory(name, x.shape[1])
-        state.seen += batch
-        state.cov.update(x)
-        if "embed" in self.stats[mode] and state.sample_rows < EMBED_SAMPLES:
-            keep = x[: EMBED_SAMPLES - state.sample_rows].detach().to(torch.float32, copy=True)
-            state.samples.append(keep)
-            state.sample_rows += keep.shape[0]
+        # Counting, the max_samples budget and the embedding rows are one atomic step,
+        # so concurrent replicas neither lose calls nor overshoot max_samples. The
+        # reshaping is views and cheap kernels; the covariance update runs unlocked.
+        with state.lock:
+            state.calls += 1
+            if state.calls % self.log_interval:
+                return
+            remaining = None if self.max_samples is None else self.max_samples - state.seen
+            if remaining is not None and remaining <= 0:
+                return
+            try:
+                with torch.no_grad():
+                    x, batch = to_data_matrix(
+                        module,
+                        output,
+                        self.conv_method,
+                        self.timeseries_method,
+                        self.interpolation_strategy,
+                        self.interpolation_downsampling,
+                        remaining,
+                    )
+            except Exception:  # a layer whose output we cannot read must not stop training
+                if name not in self._failed_layers:
+                    self._failed_layers.add(name)
+                    logger.exception("layer %s: cannot make a data matrix from its output; it is skipped", name)
+                return
+            if state.device is None:
+                state.device = x.device
+            if state.cov.dim is None:
+                self._check_memory(name, x.shape[1])
+            state.seen += batch
+            if "embed" in self.stats[mode] and state.sample_rows < EMBED_SAMPLES:
+                keep = x[: EMBED_SAMPLES - state.sample_rows].detach().to(state.device, torch.float32, copy=True)
+                # A batch the accumulator skips (NaN/Inf) must not reach the embedding either.
+                state.samples.append((keep, torch.isfinite(x).all()))
+                state.sample_rows += keep.shape[0]
+        state.cov.update(x if x.device == state.device else x.to(state.device))
 
     def _check_memory(self, name: str, dim: int) -> None:
         needed = covariance_bytes(dim)
         if needed > self.max_accumulator_bytes:
+            limit = self.max_accumulator_bytes
             raise MemoryError(
                 f"layer {name!r} has {dim} features: its covariance accumulator needs "
-                f"{needed / 2**30:.1f} GiB, over max_accumulator_bytes={self.max_accumulator_bytes / 2**30:.1f} GiB. "
-                "Use conv_method='channelwise' (one feature per channel) or 'mean', set "
-                "interpolation_strategy to shrink feature maps, leave the layer out with "
-                "ignore_layer_names, or raise max_accumulator_bytes."
+                f"{needed} bytes ({_human_bytes(needed)}), over max_accumulator_bytes={limit} "
+                f"({_human_bytes(limit)}). Use conv_method='channelwise' (one feature per channel) or "
+                "'mean', set interpolation_strategy to shrink feature maps, leave the layer out with "
+                "ignore_layer_names or layer_filter, or raise max_accumulator_bytes."
             )
 
     # ------------------------------------------------------------- user values
@@ -372,7 +428,8 @@ class CheckLayerSat:
             order) and ``key -> (n, 2) array`` for ``embed``.
 
         """
-        distributed.synchronize(self)
+        # Under torch.distributed these are merged copies of every rank's accumulators.
+        covs = distributed.synchronize(self)
         values: OrderedDict[str, Any] = OrderedDict()
         embeds: Dict[str, np.ndarray] = {}
         for mode in MODES:
@@ -382,7 +439,7 @@ class CheckLayerSat:
             needed = list(wanted) + (["lsat"] if self.average_sat and "lsat" not in wanted else [])
             saturations = []
             for name in self.layers:
-                result = self._layer_result(name, mode, needed)
+                result = self._layer_result(name, mode, needed, covs[(name, mode)])
                 if result is None:
                     continue
                 if "lsat" in result:
@@ -401,11 +458,12 @@ class CheckLayerSat:
                 values[f"average-{mode}-sat"] = float(np.mean(saturations))
         return values, embeds
 
-    def _layer_result(self, name: str, mode: str, stats: List[str]) -> Optional[Dict[str, Any]]:
+    def _layer_result(
+        self, name: str, mode: str, stats: List[str], cov: TorchCovarianceMatrix
+    ) -> Optional[Dict[str, Any]]:
         if not self._recording:
             return {stat: math.nan for stat in stats if stat in SCALAR_STATS}
         state = self._state[(name, mode)]
-        cov = state.cov
         if cov.dim is None or cov.count == 0:
             return None
         skipped = cov.skipped_batches
@@ -414,7 +472,16 @@ class CheckLayerSat:
             logger.warning(
                 "layer %s (%s): %d batch(es) with NaN/Inf activations were skipped", name, mode, skipped
             )
-        samples = torch.cat(state.samples) if state.samples else None
+        elif skipped and self.verbose:
+            logger.info(
+                "epoch %d layer %s (%s): %d batch(es) with NaN/Inf activations skipped",
+                self.epoch,
+                name,
+                mode,
+                skipped,
+            )
+        with state.lock:
+            samples = state.finite_samples()
         try:
             return layer_statistics(
                 cov.fix(), stats, self.threshold, self.spectrum_k, samples=samples, mean=cov.mean
@@ -443,7 +510,7 @@ class CheckLayerSat:
         step = self.epoch
         if self.writer is not None and distributed.is_writer():
             self._safely(self._write_epoch, values, embeds, step, save)
-        if self.verbose:
+        if self.verbose and distributed.is_writer():
             self._log_epoch(values, step)
         recorded = OrderedDict(self._user_scalars)
         recorded.update(values)
@@ -473,6 +540,14 @@ class CheckLayerSat:
         for key, value in values.items():
             if "saturation" in key or key.startswith("average-"):
                 logger.info("epoch %d %s: %.3f", step, key, value)
+        if not distributed.is_writer():
+            return
+        try:
+            if self._bars is None:
+                self._bars = SaturationBars()
+            self._bars.update(values)
+        except Exception:  # a console that cannot be drawn on must not stop training
+            logger.exception("the console view failed at epoch %d; training goes on", step)
 
     def save(self) -> None:
         """Ask the writer to persist everything recorded so far."""
@@ -500,6 +575,11 @@ class CheckLayerSat:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._bars is not None:
+            try:
+                self._bars.close()
+            except Exception:  # a console gone away must not make close() fail
+                logger.exception("the console view could not be closed")
         if self.writer is not None and distributed.is_writer():
             if self._user_scalars:  # values given after the last epoch still reach the files
                 self._safely(self._write_user_scalars, self.epoch)

@@ -112,3 +112,19 @@ def test_writer_failure_does_not_stop_training(tmp_path, caplog, monkeypatch):
     layer(torch.randn(5, 3))
     tracker.add_saturations()  # the next epoch writes both rows
     assert list(read(str(tmp_path / "run.csv")).index) == [0, 1]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        layer = nn.Linear(2, 2)
+        tracker = CheckLayerSat(str(tmp_path / "run"), "csv", layer)
+        layer(torch.randn(4, 2))
+        tracker.add_saturations()
+        tracker.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "run.csv").st_mode) == 0o644

@@ -30,7 +30,9 @@ class TensorBoardWriter(AbstractWriter):
     epoch, so TensorBoard hides the steps an earlier run wrote at or after that
     epoch: a run resumed with ``initial_epoch=k`` continues the curves at ``k``
     without duplicated or lost steps, and a new run (``initial_epoch=0``) in the same
-    folder replaces the old curves.
+    folder replaces the old curves. A purge applies to every tag of the folder, so
+    give any other ``SummaryWriter`` a folder of its own (a sibling folder shows up as
+    another run under the same ``tensorboard --logdir``).
 
     Parameters
     ----------

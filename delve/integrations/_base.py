@@ -1,0 +1,205 @@
+"""What the framework callbacks share: argument checks and the rule that assigns forwards to epochs.
+
+Nothing here imports a training framework, so ``import delve.integrations`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+from torch import nn
+
+from delve.tracker import CheckLayerSat
+from delve.writers import WriterSpec
+from delve.writers import _check_entry as check_writer_entry
+from delve.writers.base import is_scalar
+
+logger = logging.getLogger(__name__)
+
+#: Tracker arguments the callbacks set themselves.
+_OWN_ARGUMENTS = ("savefile", "save_to", "modules")
+
+ModulesSpec = Union[None, nn.Module, Callable[[nn.Module], Any]]
+#: What closing an epoch gives: its number and the values written for it.
+Closed = Tuple[int, "OrderedDict[str, Any]"]
+
+
+def tracker_arguments() -> list:
+    """Return the names of the :class:`~delve.CheckLayerSat` arguments a callback passes through."""
+    names = inspect.signature(CheckLayerSat).parameters
+    return [name for name in names if name not in _OWN_ARGUMENTS]
+
+
+def check_tracker_kwargs(save_to: WriterSpec, tracker_kwargs: Dict[str, Any]) -> None:
+    """Reject bad callback arguments when the callback is made, not when training starts.
+
+    The values are checked by building a throw-away tracker (no writer, no file) on a
+    stand-in layer, so the rules are exactly the tracker's own.
+
+    Raises
+    ------
+    TypeError
+        For an argument :class:`~delve.CheckLayerSat` does not take.
+    ValueError
+        For a value the tracker refuses (unknown stat, writer key, device …).
+
+    """
+    valid = tracker_arguments()
+    unknown = sorted(set(tracker_kwargs) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown tracker argument(s) {unknown}; valid: {sorted(valid)}")
+    entries = list(save_to) if isinstance(save_to, (list, tuple)) else [save_to]
+    if not entries:
+        raise ValueError("save_to is empty; give at least one writer key or AbstractWriter")
+    for entry in entries:
+        check_writer_entry(entry)
+    probe_kwargs = dict(tracker_kwargs, nosave=True, verbose=False, ignore_layer_names=())
+    # The user's filter is meant for the real model's layer names, not the stand-in's;
+    # anything else is left for the tracker to reject.
+    if callable(probe_kwargs.get("layer_filter")):
+        probe_kwargs["layer_filter"] = None
+    CheckLayerSat("", save_to, nn.Linear(1, 1), **probe_kwargs).close()
+
+
+def scalar_values(values: Dict[str, Any]) -> Dict[str, float]:
+    """Keep the one-number values of an epoch (arrays such as ``spectrum`` are left out), as floats."""
+    out = {}
+    for key, value in values.items():
+        if is_scalar(value):
+            try:
+                out[key] = float(value)
+            except (TypeError, ValueError):  # a user scalar that is not a number
+                continue
+    return out
+
+
+class EpochTracking:
+    """A tracker whose epochs follow a training framework's epochs.
+
+    The rule both callbacks follow: forward passes are recorded while an epoch is open.
+    An epoch opens when the framework starts a training epoch and closes (one
+    :meth:`~delve.CheckLayerSat.add_saturations` call, one row) once its training
+    batches *and* the evaluation belonging to it are done: right at the end of the
+    training epoch when no evaluation is still to come, otherwise at the end of that
+    evaluation. Should the expected evaluation not come, the epoch closes when the
+    next one opens or training ends. Forwards outside an open epoch (Lightning's
+    sanity check, an evaluation before training) are not recorded.
+
+    Parameters
+    ----------
+    savefile : str, optional
+        Output path without extension; ``None`` uses the default the callback gives.
+    save_to : str, AbstractWriter or list of them
+        The tracker's writers.
+    modules : nn.Module or callable, optional
+        What to track: ``None`` for the whole model, a callable receiving the model
+        and returning the modules, or modules.
+    tracker_kwargs : dict
+        Other :class:`~delve.CheckLayerSat` arguments.
+
+    """
+
+    def __init__(
+        self,
+        savefile: Optional[str],
+        save_to: WriterSpec,
+        modules: ModulesSpec,
+        tracker_kwargs: Dict[str, Any],
+    ):
+        if savefile is not None and not isinstance(savefile, (str, os.PathLike)):
+            raise TypeError(f"savefile must be a path or None, got {type(savefile).__name__}")
+        if modules is not None and not (callable(modules) or isinstance(modules, (nn.Module, list, tuple))):
+            raise TypeError(
+                f"modules must be None, a module, a list of modules or a callable, got {type(modules).__name__}"
+            )
+        check_tracker_kwargs(save_to, tracker_kwargs)
+        self.savefile = None if savefile is None else os.fspath(savefile)
+        self.save_to = save_to
+        self.modules = modules
+        self.tracker_kwargs = dict(tracker_kwargs)
+        self.tracker: Optional[CheckLayerSat] = None
+        self._open = False
+        self._awaiting_evaluation = False
+
+    def attach(self, model: nn.Module, default_savefile: str, initial_epoch: int) -> CheckLayerSat:
+        """Make the tracker on the model's layers, not recording until :meth:`open_epoch`."""
+        self.abort()
+        if self.modules is None:
+            modules = model
+        elif callable(self.modules) and not isinstance(self.modules, nn.Module):
+            modules = self.modules(model)
+        else:
+            modules = self.modules
+        kwargs = dict(self.tracker_kwargs)
+        kwargs.setdefault("initial_epoch", initial_epoch)
+        savefile = self.savefile if self.savefile is not None else default_savefile
+        self.tracker = CheckLayerSat(savefile, self.save_to, modules, **kwargs)
+        self.tracker.stop()
+        logger.info("tracking %d layer(s), writing to %s", len(self.tracker.layers), savefile)
+        return self.tracker
+
+    @property
+    def is_open(self) -> bool:
+        """Whether an epoch is being recorded."""
+        return self._open
+
+    def open_epoch(self) -> Optional[Closed]:
+        """Start recording a new epoch; returns what closing an epoch left open gave."""
+        if self.tracker is None:
+            return None
+        closed = self.close_epoch()
+        self._open = True
+        self._awaiting_evaluation = False
+        self.tracker.resume()
+        return closed
+
+    def end_training_part(self, evaluation_follows: bool) -> Optional[Closed]:
+        """Note that the training batches are done: close the epoch unless its evaluation is still to run."""
+        if not self._open:
+            return None
+        if evaluation_follows:
+            self._awaiting_evaluation = True
+            return None
+        return self.close_epoch()
+
+    def evaluation_ended(self) -> Optional[Closed]:
+        """Note that an evaluation finished: close the epoch if it was waiting for one."""
+        if self._open and self._awaiting_evaluation:
+            return self.close_epoch()
+        return None
+
+    def close_epoch(self) -> Optional[Closed]:
+        """Write the open epoch and stop recording until the next one opens.
+
+        Returns
+        -------
+        (int, OrderedDict) or None
+            The epoch's number and values, ``None`` when no epoch was open.
+
+        """
+        if self.tracker is None or not self._open:
+            return None
+        self._open = False
+        self._awaiting_evaluation = False
+        epoch = self.tracker.epoch
+        values = self.tracker.add_saturations()
+        self.tracker.stop()
+        return epoch, values
+
+    def finish(self) -> Optional[Closed]:
+        """Close an epoch still open, then the tracker (hooks removed, files closed), at the end of training."""
+        closed = self.close_epoch()
+        self.abort()
+        return closed
+
+    def abort(self) -> None:
+        """Close the tracker without writing the epoch in progress (training failed or was interrupted)."""
+        if self.tracker is not None:
+            self.tracker.close()
+        self._open = False
+        self._awaiting_evaluation = False
+

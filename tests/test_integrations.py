@@ -1,0 +1,369 @@
+"""Lightning and Hugging Face callbacks, run with the real frameworks on CPU.
+
+Each run records one layer's outputs with the test's own forward hook, together with what
+the framework says about the moment (epoch, sanity check …); the expected statistics are
+computed from those outputs with float64 numpy and compared with the files the callbacks
+wrote.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+from delve.integrations.lightning import SaturationCallback as LightningSaturation
+from delve.integrations.transformers import SaturationCallback as HFSaturation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+THRESH = 0.9
+
+def reference(rows):
+    """(idim, lsat, trace) of the rows' population covariance, from float64 numpy."""
+    x = np.concatenate(rows).astype(np.float64)
+    cov = np.cov(x, rowvar=False, bias=True)
+    eig = np.clip(np.linalg.eigvalsh(cov)[::-1], 0, None)
+    ratios = np.cumsum(eig) / eig.sum()
+    idim = min(int(np.searchsorted(ratios, THRESH)) + 1, len(eig))
+    return idim, idim / len(eig), float(np.trace(cov))
+
+
+def read_csv(path):
+    return pd.read_csv(path, sep=";", index_col=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared machine: more threads only contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def quiet_frameworks():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def low_rank_data(samples, seed, features=6, rank=2, classes=3):
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(samples, rank, generator=generator)
+    x = z @ torch.randn(rank, features, generator=generator) + 0.05 * torch.randn(
+        samples, features, generator=generator
+    )
+    y = torch.randint(0, classes, (samples,), generator=generator)
+    return TensorDataset(x, y)
+
+
+# --------------------------------------------------------------------------- import
+def test_import_delve_does_not_import_the_frameworks():
+    code = (
+        "import sys, delve, delve.integrations\n"
+        "loaded = [m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_a_missing_framework_names_the_extra_to_install():
+    # A None entry in sys.modules makes that import fail, as if the package were absent.
+    code = (
+        "import importlib, sys\n"
+        "cases = [('delve.integrations.lightning', ('lightning', 'pytorch_lightning')),\n"
+        "         ('delve.integrations.transformers', ('transformers',))]\n"
+        "for module, blocked in cases:\n"
+        "    for name in blocked:\n"
+        "        sys.modules[name] = None\n"
+        "    try:\n"
+        "        importlib.import_module(module)\n"
+        "    except ImportError as err:\n"
+        "        print(err)\n"
+        "    else:\n"
+        "        raise SystemExit(module + ' imported without its framework')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    assert "pip install 'delve[lightning]'" in lines[0]
+    assert "pip install 'delve[transformers]'" in lines[1]
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self, fail_at_epoch=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.fail_at_epoch = fail_at_epoch
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == self.fail_at_epoch:
+            raise RuntimeError("boom")
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def capture_lightning(module, layer):
+    """Record (sanity check?, epoch, mode, output) of every forward of `layer`."""
+    records = []
+
+    def hook(mod, inputs, output):
+        trainer = module.trainer
+        mode = "train" if mod.training else "eval"
+        records.append((trainer.sanity_checking, trainer.current_epoch, mode, output.detach().numpy().copy()))
+
+    handle = layer.register_forward_hook(hook)
+    return records, handle
+
+
+def lightning_trainer(tmp_path, callback, **kwargs):
+    options = dict(
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        logger=CSVLogger(str(tmp_path)),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        callbacks=[callback],
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def loaders():
+    return (
+        DataLoader(low_rank_data(24, seed=0), batch_size=4, shuffle=True),
+        DataLoader(low_rank_data(16, seed=1), batch_size=4),
+    )
+
+
+def test_lightning_callback_writes_each_epochs_train_and_validation_statistics(tmp_path):
+    torch.manual_seed(0)
+    module = TinyModule()
+    records, _ = capture_lightning(module, module.net[0])
+    callback = LightningSaturation(stats=["lsat", "idim", "trc"], sat_threshold=THRESH)
+    trainer = lightning_trainer(tmp_path, callback)
+    trainer.fit(module, *loaders())
+
+    # The sanity check ran (and must not be counted).
+    assert sum(1 for sanity, *_ in records if sanity) == 2
+    csv = os.path.join(trainer.log_dir, "saturation.csv")
+    table = read_csv(csv)
+    assert list(table.index) == [0, 1]
+    expected_columns = [
+        f"{mode}-{stat}_{layer}"
+        for mode in ("train", "eval")
+        for layer in ("net-0", "net-2")
+        for stat in ("saturation", "intrinsic-dimensionality", "covariance-trace")
+    ]
+    assert list(table.columns) == expected_columns
+
+    for epoch in (0, 1):
+        for mode, batches in (("train", 3), ("eval", 2)):
+            rows = [out for sanity, e, m, out in records if not sanity and e == epoch and m == mode]
+            assert len(rows) == batches
+            idim, lsat, trace = reference(rows)
+            assert table.loc[epoch, f"{mode}-intrinsic-dimensionality_net-0"] == idim
+            assert table.loc[epoch, f"{mode}-saturation_net-0"] == pytest.approx(lsat, abs=1e-12)
+            assert table.loc[epoch, f"{mode}-covariance-trace_net-0"] == pytest.approx(trace, rel=1e-6)
+    # Low-rank inputs: the first layer is far from saturated, so the comparison is not trivial.
+    assert table["train-intrinsic-dimensionality_net-0"].max() < 8
+
+    # The same values reached the trainer's logger, one row per epoch.
+    metrics = pd.read_csv(os.path.join(trainer.log_dir, "metrics.csv"))
+    logged = metrics.dropna(subset=["train-saturation_net-0"]).set_index("epoch")
+    assert list(logged.index) == [0, 1]
+    for column in expected_columns:
+        np.testing.assert_allclose(logged[column].to_numpy(), table[column].to_numpy(), rtol=1e-12)
+    assert sorted(callback.history) == [0, 1]
+
+    # Fit is over: every hook of the tracker is gone, only the test's own remains.
+    assert len(module.net[0]._forward_hooks) == 1
+    assert len(module.net[2]._forward_hooks) == 0
+
+
+def test_lightning_epochs_without_validation_have_no_eval_values(tmp_path):
+    torch.manual_seed(0)
+    module = TinyModule()
+    records, _ = capture_lightning(module, module.net[0])
+    savefile = str(tmp_path / "chosen" / "sat")
+    callback = LightningSaturation(
+        savefile=savefile, modules=lambda m: [m.net[0]], stats=["trc"], log_to_loggers=False
+    )
+    trainer = lightning_trainer(tmp_path, callback, check_val_every_n_epoch=2, num_sanity_val_steps=0)
+    trainer.fit(module, *loaders())
+
+    table = read_csv(savefile + ".csv")
+    assert list(table.columns) == ["train-covariance-trace_Module-0-Linear", "eval-covariance-trace_Module-0-Linear"]
+    assert np.isnan(table.loc[0, "eval-covariance-trace_Module-0-Linear"])
+    for epoch, mode in ((0, "train"), (1, "train"), (1, "eval")):
+        rows = [out for _, e, m, out in records if e == epoch and m == mode]
+        assert table.loc[epoch, f"{mode}-covariance-trace_Module-0-Linear"] == pytest.approx(
+            reference(rows)[2], rel=1e-6
+        )
+    assert "train-covariance-trace_Module-0-Linear" not in pd.read_csv(
+        os.path.join(trainer.log_dir, "metrics.csv")
+    ).columns
+
+
+def test_lightning_failure_removes_the_hooks_and_keeps_finished_epochs(tmp_path):
+    torch.manual_seed(0)
+    module = TinyModule(fail_at_epoch=1)
+    callback = LightningSaturation(stats=["lsat"])
+    trainer = lightning_trainer(tmp_path, callback)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, *loaders())
+    assert all(len(layer._forward_hooks) == 0 for layer in (module.net[0], module.net[2]))
+    table = read_csv(os.path.join(trainer.log_dir, "saturation.csv"))
+    assert list(table.index) == [0]
+
+
+# ---------------------------------------------------------------------- transformers
+class TokenDataset(Dataset):
+    def __init__(self, samples, seed, length=8, vocab=50):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, vocab, (samples, length), generator=generator)
+        self.labels = torch.randint(0, 2, (samples,), generator=generator)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+def test_transformers_callback_writes_each_epochs_train_and_evaluation_statistics(tmp_path):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    model = BertForSequenceClassification(config)
+    layer = model.bert.pooler.dense
+    records = []
+
+    def hook(mod, inputs, output):
+        records.append(("train" if mod.training else "eval", output.detach().numpy().copy()))
+
+    layer.register_forward_hook(hook)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=2,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        eval_strategy="epoch",
+        eval_on_start=True,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    callback = HFSaturation(
+        stats=["lsat", "trc"],
+        sat_threshold=THRESH,
+        layer_filter=lambda layers: {k: v for k, v in layers.items() if k in ("bert-pooler-dense", "classifier")},
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenDataset(12, seed=0),
+        eval_dataset=TokenDataset(8, seed=1),
+        callbacks=[callback],
+    )
+    trainer.train()
+
+    train_rows = [out for mode, out in records if mode == "train"]
+    eval_rows = [out for mode, out in records if mode == "eval"]
+    # 3 training batches per epoch; 2 evaluation batches before training, then 2 after each epoch.
+    assert len(train_rows) == 6 and len(eval_rows) == 6
+    table = read_csv(os.path.join(args.output_dir, "saturation.csv"))
+    assert list(table.index) == [0, 1]
+    assert list(table.columns) == [
+        f"{mode}-{stat}_{name}"
+        for mode in ("train", "eval")
+        for name in ("bert-pooler-dense", "classifier")
+        for stat in ("saturation", "covariance-trace")
+    ]
+    for epoch in (0, 1):
+        expected = {
+            "train": reference(train_rows[3 * epoch : 3 * epoch + 3]),
+            # The evaluation before training (eval_on_start) is not part of any epoch.
+            "eval": reference(eval_rows[2 + 2 * epoch : 4 + 2 * epoch]),
+        }
+        for mode, (_, lsat, trace) in expected.items():
+            assert table.loc[epoch, f"{mode}-saturation_bert-pooler-dense"] == pytest.approx(lsat, abs=1e-12)
+            assert table.loc[epoch, f"{mode}-covariance-trace_bert-pooler-dense"] == pytest.approx(trace, rel=1e-6)
+
+    # One log_history entry per epoch, shaped like the trainer's own, with the same values.
+    entries = [e for e in trainer.state.log_history if "train-saturation_classifier" in e]
+    assert [e["epoch"] for e in entries] == [1.0, 2.0]
+    assert [e["step"] for e in entries] == [3, 6]
+    for epoch, entry in enumerate(entries):
+        for column in table.columns:
+            assert entry[column] == pytest.approx(table.loc[epoch, column], rel=1e-12)
+    assert len(layer._forward_hooks) == 1  # only the test's hook is left
+
+
+# --------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("callback_class", [LightningSaturation, HFSaturation])
+def test_bad_arguments_fail_when_the_callback_is_made(callback_class):
+    with pytest.raises(ValueError, match="lsat"):
+        callback_class(stats=["lsat", "saturation"])
+    with pytest.raises(TypeError, match="sat_threshold"):
+        callback_class(sat_treshold=0.9)
+    with pytest.raises(ValueError, match="csv"):
+        callback_class(save_to="excel")
+    with pytest.raises(ValueError, match="sat_threshold"):
+        callback_class(sat_threshold=1.5)
+    with pytest.raises(ValueError, match="conv_method"):
+        callback_class(conv_method="average")
+    with pytest.raises(TypeError, match="modules"):
+        callback_class(modules="encoder")
+    with pytest.raises(TypeError, match="layer_filter"):
+        callback_class(layer_filter=["encoder"])
+    # A filter that would keep nothing of a stand-in layer is fine: it is meant for the model.
+    callback_class(layer_filter=lambda layers: {}, include_conv=False, ignore_layer_names=["Module-0-Linear"])
+
+
+def test_checking_the_arguments_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    LightningSaturation(save_to=["csv", "print"], stats=["lsat_eval", "idim"], verbose=True)
+    HFSaturation(save_to="csv", stats=["lsat"])
+    assert os.listdir(tmp_path) == []
+    assert capsys.readouterr() == ("", "")
