@@ -51,7 +51,7 @@ def to_data_matrix(
         return _recurrent(sequence, module.batch_first, timeseries_method, limit)
     if isinstance(module, CONV_TYPES):
         return _convolution(
-            output, len(module.kernel_size), conv_method, interpolation_strategy, interpolation_downsampling, limit
+            output, conv_method, interpolation_strategy, interpolation_downsampling, limit, len(module.kernel_size)
         )
     return _dense(output, timeseries_method, limit)
 
@@ -68,10 +68,18 @@ def _dense(x: torch.Tensor, timeseries_method: str, limit: Optional[int]):
 
 
 def _convolution(
-    x: torch.Tensor, spatial_rank: int, method: str, strategy: Optional[str], size: int, limit: Optional[int]
+    x: torch.Tensor,
+    method: str,
+    strategy: Optional[str],
+    size: int,
+    limit: Optional[int],
+    spatial_rank: Optional[int] = None,
 ):
     # The layer's own rank tells an unbatched (C, *spatial) output from a batch: a
-    # Conv2d output of dim 3 is one image, not a batch of C maps.
+    # Conv2d output of dim 3 is one image, not a batch of C maps. Without it, a batch
+    # is assumed unless there is no spatial dimension at all.
+    if spatial_rank is None:
+        spatial_rank = max(x.dim() - 2, 1)
     if x.dim() == spatial_rank + 1:
         x = x.unsqueeze(0)
     if limit is not None:

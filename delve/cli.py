@@ -230,11 +230,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.batches < 1:
         raise CommandError(f"--epochs and --batches must be at least 1, got {args.epochs} and {args.batches}")
-    unknown = [key for key in args.save_to if key not in WRITERS]
+    options = {} if args.save_to is None else {"save_to": args.save_to}  # None: the demo's own default
+    unknown = [key for key in options.get("save_to", ()) if key not in WRITERS]
     if unknown:  # before any data is made
         raise CommandError(f"unknown writer {unknown[0]!r}; valid keys are {sorted(WRITERS)}")
-    path = run_demo(args.savefile, epochs=args.epochs, batches=args.batches, save_to=args.save_to, seed=args.seed)
-    if any(issubclass(WRITERS[key], CSVWriter) for key in args.save_to):
+    path = run_demo(args.savefile, epochs=args.epochs, batches=args.batches, seed=args.seed, **options)
+    if args.save_to is None or any(issubclass(WRITERS[key], CSVWriter) for key in args.save_to):
         print(f"wrote {path}")
     else:  # no CSV file: name what was written instead
         print(f"wrote {os.path.abspath(args.savefile)} ({' '.join(args.save_to)})")
@@ -315,14 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="train a small CNN on synthetic data and write its saturation",
         description="Train a small CNN on synthetic images for a few epochs with a tracker attached "
-        "(stats lsat and idim, average saturation, test accuracy) and write the run's files.",
+        "(stats lsat and idim, average saturation, test accuracy) and write the run's files: by default "
+        "SAVEFILE.csv and its plots beside it.",
     )
     demo.add_argument("savefile", nargs="?", default="runs/demo", help="output path without extension (runs/demo)")
     demo.add_argument("--epochs", type=int, default=8, help="number of epochs (8)")
     demo.add_argument("--batches", type=int, default=16, help="training batches per epoch (16)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (0)")
     demo.add_argument(
-        "--save-to", nargs="+", default=["csv"], metavar="KEY", help="writer keys, e.g. csv plot npy (csv)"
+        "--save-to", nargs="+", metavar="KEY", help="writer keys, e.g. csv npy tb (plot: the CSV and its pictures)"
     )
     demo.set_defaults(run=_demo)
 

@@ -130,7 +130,8 @@ class TorchCovarianceMatrix:
             n_b, mean_b, scatter_b, finite = self._batch_moments(x)
             with self._lock:
                 self._merge(n_b, mean_b, scatter_b, finite)
-                self._shift = torch.where(self.n > 0, self.mean, self._shift).to(self._shift.dtype)
+                if self._shift is not None:  # None: reset() came in between; the next batch picks one
+                    self._shift = torch.where(self.n > 0, self.mean, self._shift).to(self._shift.dtype)
 
     def _batch_moments(self, x: torch.Tensor):
         """Reduce a batch to (count, mean, scatter about its mean, all-finite flag)."""
