@@ -1,7 +1,8 @@
-"""``python -m delve``: the command line."""
+"""``python -m delve``: the command line (see :mod:`delve.cli`)."""
 
 import sys
 
 from delve.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -84,7 +84,9 @@ def to_data_rows(
         sequence = output[0] if isinstance(output, tuple) else output
         return _recurrent(sequence, module.batch_first, timeseries_method, limit)
     if isinstance(module, CONV_TYPES):
-        return _convolution_rows(output, conv_method, interpolation_strategy, interpolation_downsampling, limit)
+        return _convolution_rows(
+            output, conv_method, interpolation_strategy, interpolation_downsampling, limit, len(module.kernel_size)
+        )
     return _dense(output, timeseries_method, limit)
 
 
@@ -99,17 +101,34 @@ def _dense(x: torch.Tensor, timeseries_method: str, limit: Optional[int]):
     return x, batch
 
 
-def _convolution(x: torch.Tensor, method: str, strategy: Optional[str], size: int, limit: Optional[int]):
+def _convolution(
+    x: torch.Tensor,
+    method: str,
+    strategy: Optional[str],
+    size: int,
+    limit: Optional[int],
+    spatial_rank: Optional[int] = None,
+):
     """Apply the convolution rule of :func:`to_data_matrix`: a ``(rows, features)`` matrix."""
-    rows, batch = _convolution_rows(x, method, strategy, size, limit)
+    rows, batch = _convolution_rows(x, method, strategy, size, limit, spatial_rank)
     return rows.reshape(-1, rows.shape[-1]), batch
 
 
-def _convolution_rows(x: torch.Tensor, method: str, strategy: Optional[str], size: int, limit: Optional[int]):
-    spatial_rank = x.dim() - 2
-    if spatial_rank < 1:  # unbatched input: (C, *spatial)
+def _convolution_rows(
+    x: torch.Tensor,
+    method: str,
+    strategy: Optional[str],
+    size: int,
+    limit: Optional[int],
+    spatial_rank: Optional[int] = None,
+):
+    # The layer's own rank tells an unbatched (C, *spatial) output from a batch: a
+    # Conv2d output of dim 3 is one image, not a batch of C maps. Without it, a batch
+    # is assumed unless there is no spatial dimension at all.
+    if spatial_rank is None:
+        spatial_rank = max(x.dim() - 2, 1)
+    if x.dim() == spatial_rank + 1:
         x = x.unsqueeze(0)
-        spatial_rank = x.dim() - 2
     if limit is not None:
         x = x[:limit]
     batch, channels = x.shape[0], x.shape[1]

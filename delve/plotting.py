@@ -494,11 +494,8 @@ def plot_spectra(
         The paths written, one per mode.
 
     """
-    paths = []
-    for mode, layers in _by_mode(spectra).items():
-        figure = spectrum_figure(layers, mode, epoch, fontsize, figsize, plot_manipulation_func)
-        paths.append(_save(figure, f"{savefile}_spectrum_{mode}_epoch_{int(epoch)}.png"))
-    return paths
+    return _plot_per_mode("spectrum", spectrum_figure, spectra, savefile, epoch, fontsize, figsize,
+                          plot_manipulation_func)
 
 
 def plot_embeddings(
@@ -517,9 +514,15 @@ def plot_embeddings(
         The paths written, one per mode.
 
     """
+    return _plot_per_mode("embed", embedding_figure, embeds, savefile, epoch, fontsize, figsize,
+                          plot_manipulation_func)
+
+
+def _plot_per_mode(kind, make_figure, arrays, savefile, epoch, fontsize, figsize, plot_manipulation_func):
+    """Draw one picture per mode of per-layer arrays: ``{savefile}_{kind}_{mode}_epoch_{epoch}.png``."""
     paths = []
-    for mode, layers in _by_mode(embeds).items():
-        figure = embedding_figure(layers, mode, epoch, fontsize, figsize, plot_manipulation_func)
-        paths.append(_save(figure, f"{savefile}_embed_{mode}_epoch_{int(epoch)}.png"))
+    for mode, layers in _by_mode(arrays).items():
+        figure = make_figure(layers, mode, epoch, fontsize, figsize, plot_manipulation_func)
+        paths.append(_save(figure, f"{savefile}_{kind}_{mode}_epoch_{int(epoch)}.png"))
     return paths
 
