@@ -8,8 +8,11 @@ Run ``python benchmarks/overhead.py`` (add ``--json`` for machine-readable outpu
   layer tracked). Blocks of untracked and tracked steps alternate, on two copies of
   the same model, so that drift of a shared machine hits both alike;
 * the bare float32 Gram time: ``X.T @ X`` on the data matrices of the same layers,
-  already materialised, timed in the same rounds. No exact tracker can cost less than
-  this, so ``extra / gram`` says how close the tracker comes to that floor;
+  already materialised, timed in the same rounds. An exact tracker has to compute
+  these products, so ``extra / gram`` says how close it comes to that floor (below 1
+  is possible: the tracker computes only one triangle of each symmetric product);
+* the time spent inside the tracker's hooks per step (CPU only). On a shared machine
+  the difference of two step times is noisy; this is the steadier number;
 * the epoch-end time (``add_saturations``) against running ``torch.linalg.eigh`` twice
   per tracked layer on covariances of the same sizes;
 * the extra memory the tracker holds (accumulators and shared workspace; on a GPU also
@@ -211,6 +214,7 @@ def _tracker_bytes(tracker: CheckLayerSat) -> int:
 
 def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: int, epoch_repeats: int) -> Dict:
     """Benchmark one model; return a dict of the measured quantities (seconds, bytes)."""
+    covariance_module.release_workspace()  # the workspace is per process: count this case's only
     case = make_case(name, device)
     tracked_model = case["model"].to(device)
     plain_model = copy.deepcopy(tracked_model)
@@ -301,6 +305,8 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         two_eigh_s=med["eigh"],
         epoch_over_two_eigh=med["epoch"] / med["eigh"],
         accumulator_bytes=_tracker_bytes(tracker),
+        # While a batch is merged: its Gram matrix (float64 once summed over row blocks).
+        transient_bytes=8 * max(c.shape[0] for c in covariances) ** 2,
         workspace_bytes=covariance_module.workspace_bytes() if device.type == "cpu" else 0,
         steps_per_kind=len(times["plain"]),
     )
@@ -368,7 +374,7 @@ def print_report(info: Dict, results: List[Dict]) -> None:
             f"{r['two_eigh_s'] * 1e3:.2f} ms  (ratio {r['epoch_over_two_eigh']:.2f})"
         )
         line = f"  tracker memory       {_mib(r['accumulator_bytes'])} accumulators"
-        line += f" + {_mib(r['workspace_bytes'])} shared workspace"
+        line += f" + {_mib(r['workspace_bytes'])} shared workspace + {_mib(r['transient_bytes'])} per batch"
         if "peak_growth_bytes" in r:
             line += f"; peak allocation grows by {_mib(r['peak_growth_bytes'])}"
         print(line)
