@@ -367,7 +367,7 @@ def print_report(info: Dict, results: List[Dict]) -> None:
             f"({100 * r['gram_over_untracked']:.1f} % of the untracked step)"
         )
         print(f"  tracked - untracked  {r['extra_s'] * 1e3:9.2f} ms   = {r['extra_over_gram']:.2f} x the bare Gram")
-        if r["hooks_s"] == r["hooks_s"]:  # not NaN
+        if r["hooks_s"] == r["hooks_s"]:  # NaN where not measured (GPU)
             print(f"  inside the hooks     {r['hooks_s'] * 1e3:9.2f} ms   = {r['hooks_over_gram']:.2f} x the bare Gram")
         print(
             f"  epoch end            {r['epoch_end_s'] * 1e3:9.2f} ms   vs two eigh per layer "
@@ -405,7 +405,9 @@ def main(argv=None) -> int:
         if name.strip()
     ]
     if args.json:
-        print(json.dumps(dict(machine=info, results=results), indent=2))
+        # NaN (a quantity not measured on this device) is not JSON: write null.
+        clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in results]
+        print(json.dumps(dict(machine=info, results=clean), indent=2))
     else:
         print_report(info, results)
     return 0
