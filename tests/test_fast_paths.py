@@ -206,6 +206,20 @@ def test_update_reads_no_tensor_value_on_the_host(monkeypatch):
     assert rel_err(acc.fix().numpy(), np_cov(rows.double().numpy())) < TOL
 
 
+def test_update_rows_input_rules():
+    acc = TorchCovarianceMatrix()
+    with pytest.raises(ValueError, match=r"\(\.\.\., features\).*\(5,\)"):
+        acc.update_rows(torch.randn(5))
+    acc.update_rows(torch.randn(0, 3, 40))  # no rows: nothing happens
+    assert acc.dim is None
+    acc.update_rows(torch.randn(2, 3, 40))
+    with pytest.raises(ValueError, match="changed from 40 to 41"):
+        acc.update_rows(torch.randn(2, 3, 41))
+    with pytest.raises(ValueError, match="rows, features"):
+        acc.update(torch.randn(2, 3, 40))  # update() itself keeps to matrices
+    assert acc.count == 6
+
+
 def test_workspace_is_reused_and_released():
     covariance.release_workspace()
     acc = TorchCovarianceMatrix()
