@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import matplotlib.image as plt_image
 import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,10 +32,13 @@ def test_gallery_example_csv(tmp_path):
         assert (table["train-saturation_Module-1-Linear"] <= min(hidden, 10) / 10).all()
 
 
-def test_demo_job_writes_csv(tmp_path):
-    result = run(["-m", "delve", "demo", str(tmp_path / "demo"), "--epochs", "2"], ROOT)
+def test_demo_job_writes_csv_and_plots(tmp_path):
+    # What `make demo` promises: a CSV a person can open and pictures beside it.
+    result = run(["-m", "delve", "demo", str(tmp_path / "demo"), "--epochs", "2", "--batches", "2"], ROOT)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path / "demo.csv", sep=";", index_col=0)
     assert list(table.index) == [0, 1]
     assert {"train-loss", "test-accuracy", "average-train-sat", "eval-saturation_classifier-3"} <= set(table.columns)
-    assert ((table.filter(like="saturation") > 0) & (table.filter(like="saturation") <= 1)).all().all()
+    for name in ("demo_lsat_train_history.png", "demo_lsat_eval_epoch_1.png", "demo_idim_train_epoch_0.png"):
+        image = plt_image.imread(tmp_path / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
