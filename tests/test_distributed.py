@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections import defaultdict
 
@@ -34,12 +33,6 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.fc1(x)))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _shard(epoch: int, step: int, rank: int) -> torch.Tensor:
@@ -73,11 +66,11 @@ def _synced_accumulator_checks(rank: int, out: str) -> None:
         raise AssertionError("a dimension mismatch between ranks was not detected")
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, rendezvous: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file rendezvous: picking a "free" TCP port and binding it later races with
+    # whatever else runs on the machine (parallel test workers included).
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
         model = Net()
@@ -150,7 +143,8 @@ def _rel(a, b) -> float:
 
 
 def _spawn(out: str) -> None:
-    context = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method="spawn")
+    rendezvous = os.path.join(out, "rendezvous")
+    context = mp.start_processes(_worker, args=(rendezvous, out), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 240
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
