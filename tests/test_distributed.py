@@ -124,6 +124,9 @@ def _worker(rank: int, rendezvous: str, out: str) -> None:
             np.save(os.path.join(out, f"rows_{rank}_{epoch}_{mode}_{name}.npy"), np.concatenate(arrays))
 
         _synced_accumulator_checks(rank, out)
+        # Both ranks tear the group down together: a rank that leaves while its peer's
+        # gloo transport is still connected can make the peer abort.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
