@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import time
 from collections import defaultdict
 
@@ -66,69 +68,78 @@ def _synced_accumulator_checks(rank: int, out: str) -> None:
         raise AssertionError("a dimension mismatch between ranks was not detected")
 
 
+def _train_and_record(rank: int, out: str) -> None:
+    """Train the DDP model for a few epochs and save what the test checks afterwards."""
+    torch.manual_seed(0)
+    model = Net()
+    ddp = DistributedDataParallel(model)
+
+    # The test's own record of every output, independent of the library.
+    captured = defaultdict(list)
+
+    def capture(name):
+        def hook(module, inputs, output):
+            mode = "train" if module.training else "eval"
+            captured[(epoch, name, mode)].append(output.detach().double().numpy())
+
+        return hook
+
+    for name in LAYERS:
+        getattr(model, name).register_forward_hook(capture(name))
+
+    savefile = os.path.join(out, f"rank{rank}", "stats")
+    tracker = CheckLayerSat(savefile, "csv", ddp, stats=STATS)
+    # Keeps its covariance across epochs: must not count the other rank's rows twice.
+    keeper = CheckLayerSat("unused", "csv", ddp, stats=["cov_train"], reset_covariance=False, nosave=True)
+    assert list(tracker.layers) == list(LAYERS)
+    assert (tracker.writer is None) == (rank != 0)
+
+    for epoch in range(EPOCHS):
+        model.train()
+        for step in range(STEPS):
+            ddp.zero_grad()
+            ddp(_shard(epoch, step, rank)).pow(2).mean().backward()
+            with torch.no_grad():  # plain SGD; torch.optim's first step imports for seconds
+                for param in ddp.parameters():
+                    param -= 0.05 * param.grad
+        if rank == 0:  # eval data on one rank only: rank 1 has none for that mode
+            model.eval()
+            with torch.no_grad():
+                model(_shard(epoch, 99, rank) * 0.5)
+            model.train()
+        values = tracker.add_saturations()
+        kept = keeper.add_saturations()
+        for mode in ("train", "eval"):
+            for name in LAYERS:
+                key = f"{mode}-covariance-matrix_{name}"
+                np.save(os.path.join(out, f"cov_{rank}_{epoch}_{mode}_{name}.npy"), values[key])
+        for name in LAYERS:
+            key = f"train-covariance-matrix_{name}"
+            np.save(os.path.join(out, f"kept_{rank}_{epoch}_{name}.npy"), kept[key])
+    tracker.close()
+    keeper.close()
+    for (epoch, name, mode), arrays in captured.items():
+        np.save(os.path.join(out, f"rows_{rank}_{epoch}_{mode}_{name}.npy"), np.concatenate(arrays))
+
+
+
 def _worker(rank: int, rendezvous: str, out: str) -> None:
     torch.set_num_threads(1)
     # A file rendezvous: picking a "free" TCP port and binding it later races with
     # whatever else runs on the machine (parallel test workers included).
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(0)
-        model = Net()
-        ddp = DistributedDataParallel(model)
-
-        # The test's own record of every output, independent of the library.
-        captured = defaultdict(list)
-
-        def capture(name):
-            def hook(module, inputs, output):
-                mode = "train" if module.training else "eval"
-                captured[(epoch, name, mode)].append(output.detach().double().numpy())
-
-            return hook
-
-        for name in LAYERS:
-            getattr(model, name).register_forward_hook(capture(name))
-
-        savefile = os.path.join(out, f"rank{rank}", "stats")
-        tracker = CheckLayerSat(savefile, "csv", ddp, stats=STATS)
-        # Keeps its covariance across epochs: must not count the other rank's rows twice.
-        keeper = CheckLayerSat("unused", "csv", ddp, stats=["cov_train"], reset_covariance=False, nosave=True)
-        assert list(tracker.layers) == list(LAYERS)
-        assert (tracker.writer is None) == (rank != 0)
-
-        for epoch in range(EPOCHS):
-            model.train()
-            for step in range(STEPS):
-                ddp.zero_grad()
-                ddp(_shard(epoch, step, rank)).pow(2).mean().backward()
-                with torch.no_grad():  # plain SGD; torch.optim's first step imports for seconds
-                    for param in ddp.parameters():
-                        param -= 0.05 * param.grad
-            if rank == 0:  # eval data on one rank only: rank 1 has none for that mode
-                model.eval()
-                with torch.no_grad():
-                    model(_shard(epoch, 99, rank) * 0.5)
-                model.train()
-            values = tracker.add_saturations()
-            kept = keeper.add_saturations()
-            for mode in ("train", "eval"):
-                for name in LAYERS:
-                    key = f"{mode}-covariance-matrix_{name}"
-                    np.save(os.path.join(out, f"cov_{rank}_{epoch}_{mode}_{name}.npy"), values[key])
-            for name in LAYERS:
-                key = f"train-covariance-matrix_{name}"
-                np.save(os.path.join(out, f"kept_{rank}_{epoch}_{name}.npy"), kept[key])
-        tracker.close()
-        keeper.close()
-        for (epoch, name, mode), arrays in captured.items():
-            np.save(os.path.join(out, f"rows_{rank}_{epoch}_{mode}_{name}.npy"), np.concatenate(arrays))
-
+        _train_and_record(rank, out)
         _synced_accumulator_checks(rank, out)
-        # Both ranks tear the group down together: a rank that leaves while its peer's
-        # gloo transport is still connected can make the peer abort.
-        dist.barrier()
+        # DDP holds the process group through reference cycles; left to interpreter
+        # shutdown, gloo's threads are torn down in an order that can abort the process.
+        gc.collect()
+        dist.barrier()  # both ranks leave together
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # everything is on disk; skip finalizers of C++ thread pools
 
 
 def _np_cov(rows: np.ndarray) -> np.ndarray:
