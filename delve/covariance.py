@@ -250,16 +250,12 @@ class TorchCovarianceMatrix:
         self._bounds: Tuple[int, ...] = ()  # feature blocks of the Gram product
 
     # ------------------------------------------------------------------ state
-    # n, mean, scatter and skipped are the public state, derived from n, s, t and S.
-    # Assigning them replaces the state (as a distributed sync or a restore does).
+    # n, mean, scatter and skipped are the public state, derived from n, s, t and S;
+    # _load_state replaces them together (a distributed sync, a restore).
     @property
     def n(self) -> Optional[torch.Tensor]:
         """Number of rows merged (float64 scalar tensor), or ``None`` before the first batch."""
         return self._n
-
-    @n.setter
-    def n(self, value: Optional[torch.Tensor]) -> None:
-        self._n = value
 
     @property
     def mean(self) -> Optional[torch.Tensor]:
@@ -268,16 +264,6 @@ class TorchCovarianceMatrix:
             if self._origin is None:
                 return None
             return self._origin + self._sum / self._n.clamp_min(1.0)
-
-    @mean.setter
-    def mean(self, value: Optional[torch.Tensor]) -> None:
-        with self._lock:
-            self._dim = None if value is None else int(value.shape[0])
-            self._origin = value
-            self._sum = None if value is None else torch.zeros_like(value)
-            self._bounds = () if value is None else _block_bounds(self._dim)
-            self._shift = None
-            self._fresh = False
 
     @property
     def scatter(self) -> Optional[torch.Tensor]:
@@ -292,19 +278,10 @@ class TorchCovarianceMatrix:
             u = self._sum / self._n.clamp_min(1.0).sqrt()
             return scatter.addr_(u, u, alpha=-1.0)
 
-    @scatter.setter
-    def scatter(self, value: Optional[torch.Tensor]) -> None:
-        # The other state setters make t zero and s the mean, so S is the scatter.
-        self._gram = value
-
     @property
     def skipped(self) -> Optional[torch.Tensor]:
         """Number of non-finite batches skipped (int64 scalar tensor), or ``None`` before the first batch."""
         return self._skipped
-
-    @skipped.setter
-    def skipped(self, value: Optional[torch.Tensor]) -> None:
-        self._skipped = value
 
     @property
     def dim(self) -> Optional[int]:
@@ -505,8 +482,19 @@ class TorchCovarianceMatrix:
     def _from_state(cls, n, mean, scatter, skipped, like: TorchCovarianceMatrix) -> TorchCovarianceMatrix:
         """Build an accumulator around given state tensors (they are not copied)."""
         acc = cls(device=like.device, float64_products=like.float64_products)
-        acc.n, acc.mean, acc.scatter, acc.skipped = n, mean, scatter, skipped
+        acc._load_state(n, mean, scatter, skipped)
         return acc
+
+    def _load_state(self, n, mean, scatter, skipped) -> None:
+        """Replace the state by a count, mean, scatter matrix and skipped count (not copied)."""
+        with self._lock:
+            self._dim = int(mean.shape[0])
+            self._bounds = _block_bounds(self._dim)
+            self._n, self._skipped = n, skipped
+            # Moments about the mean itself: t = 0 and S is the scatter.
+            self._origin, self._sum, self._gram = mean, torch.zeros_like(mean), scatter
+            self._shift = None
+            self._fresh = False
 
     def synced(self, group=None) -> TorchCovarianceMatrix:
         """Return a new accumulator holding the rows that every rank of a process group has seen.

@@ -39,7 +39,7 @@ DEFAULT_MAX_ACCUMULATOR_BYTES = 4 * 2**30
 class _LayerMode:
     """Everything recorded for one layer in one mode during the current epoch."""
 
-    __slots__ = ("cov", "calls", "seen", "samples", "sample_rows", "device", "lock")
+    __slots__ = ("cov", "calls", "seen", "samples", "sample_rows", "lock")
 
     def __init__(self, device, float64_products):
         self.cov = TorchCovarianceMatrix(device=device, float64_products=float64_products)
@@ -48,9 +48,6 @@ class _LayerMode:
         # (rows, all-finite flag of their batch); the flag stays on the device until the epoch ends.
         self.samples: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.sample_rows = 0
-        # The device the accumulator lives on, fixed by the first batch (nn.DataParallel
-        # replicas on other GPUs send theirs there).
-        self.device: Optional[torch.device] = device
         # Hooks of nn.DataParallel replicas run in threads.
         self.lock = threading.Lock()
 
@@ -66,7 +63,11 @@ class _LayerMode:
     def finite_samples(self) -> Optional[torch.Tensor]:
         """Return the recorded embedding rows, without those of batches the accumulator skipped."""
         kept = [rows for rows, finite in self.samples if bool(finite)]
-        return torch.cat(kept) if kept else None
+        if not kept:
+            return None
+        # nn.DataParallel replicas record on their own GPUs; gather where the covariance is.
+        device = self.cov.n.device if self.cov.n is not None else kept[0].device
+        return torch.cat([rows.to(device) for rows in kept])
 
 
 def _known_feature_dim(module: nn.Module, conv_method: str) -> Optional[int]:
@@ -335,7 +336,7 @@ class CheckLayerSat:
         self._user_groups: List[Tuple[str, Dict[str, Any]]] = []
         self._recording = True
         self._closed = False
-        self._failed_layers: set = set()
+        self._warned: set = set()  # (reason, layer, ...) already logged once
         self._bars = None  # the console view of verbose=True, made at the first epoch end
         self._hooks = [
             layer.register_forward_hook(self._make_hook(name)) for name, layer in self.layers.items()
@@ -377,21 +378,19 @@ class CheckLayerSat:
                         remaining,
                     )
             except Exception:  # a layer whose output we cannot read must not stop training
-                if name not in self._failed_layers:
-                    self._failed_layers.add(name)
+                if ("unreadable", name) not in self._warned:
+                    self._warned.add(("unreadable", name))
                     logger.exception("layer %s: cannot make a data matrix from its output; it is skipped", name)
                 return
-            if state.device is None:
-                state.device = x.device
             if state.cov.dim is None:
                 self._check_memory(name, x.shape[-1])
             state.seen += batch
             if "embed" in self.stats[mode] and state.sample_rows < EMBED_SAMPLES:
-                keep = first_rows(x, EMBED_SAMPLES - state.sample_rows).to(state.device)
+                keep = first_rows(x, EMBED_SAMPLES - state.sample_rows)
                 # A batch the accumulator skips (NaN/Inf) must not reach the embedding either.
                 state.samples.append((keep, torch.isfinite(x).all()))
                 state.sample_rows += keep.shape[0]
-        state.cov.update_rows(x if x.device == state.device else x.to(state.device))
+        state.cov.update_rows(x)  # the accumulator brings x to its own device
 
     def _check_memory(self, name: str, dim: int) -> None:
         needed = covariance_bytes(dim)
@@ -467,8 +466,8 @@ class CheckLayerSat:
         if cov.dim is None or cov.count == 0:
             return None
         skipped = cov.skipped_batches
-        if skipped and (name, mode, "nonfinite") not in self._failed_layers:
-            self._failed_layers.add((name, mode, "nonfinite"))
+        if skipped and ("nonfinite", name, mode) not in self._warned:
+            self._warned.add(("nonfinite", name, mode))
             logger.warning(
                 "layer %s (%s): %d batch(es) with NaN/Inf activations were skipped", name, mode, skipped
             )

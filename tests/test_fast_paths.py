@@ -180,7 +180,7 @@ def test_merge_and_state_assignment_round_trip():
     # Rebuild an accumulator from its public state, then keep feeding it.
     state = empty.state_tensors()
     copy = TorchCovarianceMatrix()
-    copy.n, copy.mean, copy.scatter, copy.skipped = (state[k].clone() for k in ("n", "mean", "scatter", "skipped"))
+    copy._load_state(*(state[k].clone() for k in ("n", "mean", "scatter", "skipped")))
     assert rel_err(copy.fix().numpy(), union) < TOL
     c = _rows(rng, 500, 40, 1e4).astype(np.float32)
     copy.update(torch.from_numpy(c))
