@@ -35,6 +35,19 @@ def np_stats(rows, thresh: float = 0.99) -> dict:
     }
 
 
+def conv_rows(out: np.ndarray, method: str) -> np.ndarray:
+    """Data matrix of a conv output (B, C, *spatial) under a ``conv_method``, in numpy."""
+    batch, channels = out.shape[:2]
+    if method == "channelwise":
+        return np.moveaxis(out, 1, -1).reshape(-1, channels)
+    if method == "flatten":
+        return out.reshape(batch, -1)
+    pooled = out.reshape(batch, channels, -1)
+    if method == "median":  # the lower median, as torch.median
+        return np.take(np.sort(pooled, axis=-1), (pooled.shape[-1] - 1) // 2, axis=-1)
+    return {"mean": pooled.mean(-1), "max": pooled.max(-1)}[method]
+
+
 def rel_err(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)

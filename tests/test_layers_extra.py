@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from delve import CheckLayerSat
-from tests.reference import OutputCapture, np_stats
+from tests.reference import OutputCapture, conv_rows, np_stats
 
 THRESH = 0.9
 EPOCHS = 3
@@ -100,20 +100,6 @@ def check_against_reference(tracker, captured, returned, csv, to_rows):
 
 
 # ----------------------------------------------------------------------------- convolutions
-def _lower_median(x, axis):
-    return np.take(np.sort(x, axis=axis), (x.shape[axis] - 1) // 2, axis=axis)
-
-
-def conv_rows(out: np.ndarray, method: str) -> np.ndarray:
-    batch, channels = out.shape[:2]
-    if method == "channelwise":
-        return np.moveaxis(out, 1, -1).reshape(-1, channels)
-    if method == "flatten":
-        return out.reshape(batch, -1)
-    pooled = out.reshape(batch, channels, -1)
-    return {"mean": pooled.mean(-1), "max": pooled.max(-1), "median": _lower_median(pooled, -1)}[method]
-
-
 # name -> (layer, input shape without batch)
 CONV_LAYERS = {
     "Conv1d": (lambda: nn.Conv1d(3, 5, 3), (3, 11)),

@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_sequence
 from delve import CheckLayerSat, SaturationTracker
 from delve.metrics import STATMAP
 from delve.writers import AbstractWriter
-from tests.reference import OutputCapture, np_stats
+from tests.reference import OutputCapture, conv_rows, np_stats
 
 STATS = ["idim", "lsat", "trc", "dtrc", "det"]
 
@@ -89,24 +89,11 @@ def test_conv2d_methods(method):
     tracker = CheckLayerSat("unused", "csv", model, stats=STATS, conv_method=method, nosave=True)
     capture = OutputCapture(tracker.layers)
 
-    def reshape(out):
-        b, c = out.shape[:2]
-        if method == "channelwise":
-            return np.moveaxis(out, 1, -1).reshape(-1, c)
-        if method == "flatten":
-            return out.reshape(b, -1)
-        flat = out.reshape(b, c, -1)
-        if method == "mean":
-            return flat.mean(-1)
-        if method == "max":
-            return flat.max(-1)
-        return np.sort(flat, -1)[..., (flat.shape[-1] - 1) // 2]  # lower median
-
     batches = lambda: torch.randn(6, 3, 7, 7)  # noqa: E731
     for values, cap in train_eval_epochs(model, tracker, capture, batches, epochs=2, train_batches=3):
         for name in ("0", "2"):
             for mode in ("train", "eval"):
-                assert_matches(values, name, mode, [reshape(o) for o in cap.take(name, mode)])
+                assert_matches(values, name, mode, [conv_rows(o, method) for o in cap.take(name, mode)])
 
 
 def test_conv_interpolation_resizes_large_maps():
