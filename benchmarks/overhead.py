@@ -13,6 +13,8 @@ Run ``python benchmarks/overhead.py`` (add ``--json`` for machine-readable outpu
   is possible: the tracker computes only one triangle of each symmetric product);
 * the time spent inside the tracker's hooks per step (CPU only). On a shared machine
   the difference of two step times is noisy; this is the steadier number;
+* the forward pass and the rest of the step timed apart (CPU only), which shows
+  whether tracking costs anything outside its hooks;
 * the epoch-end time (``add_saturations``) against running ``torch.linalg.eigh`` twice
   per tracked layer on covariances of the same sizes;
 * the extra memory the tracker holds (accumulators and shared workspace; on a GPU also
@@ -243,10 +245,17 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
 
         tracker._record = timed_record
 
+    # The forward pass timed apart (CPU only, like the hooks): whether tracking slows the
+    # rest of the step too (through the caches, say) or only the forward pass it hooks.
+    forward_time = {"plain": [0.0], "tracked": [0.0]}
+
     def step(kind: str) -> None:
         model, optim = models[kind], optims[kind]
         optim.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        start = time.perf_counter()
+        loss = loss_fn(model(x), y)
+        forward_time[kind][0] += time.perf_counter() - start
+        loss.backward()
         optim.step()
 
     # Warm-up: allocator pools, kernel selection, the accumulators' first allocation.
@@ -262,22 +271,30 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         epoch_repeats = 1  # two eigh of a 3072-wide covariance take most of a minute on two cores
 
     peak: Dict[str, int] = {}
-    times: Dict[str, List[float]] = {"plain": [], "tracked": [], "hooks": [], "gram": [], "epoch": [], "eigh": []}
-    paired: List[float] = []
+    names = ("plain", "tracked", "hooks", "gram", "epoch", "eigh")
+    names += tuple(f"{part}_{kind}" for part in ("fwd", "rest") for kind in ("plain", "tracked"))
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    paired: List[float] = []  # per round: tracked / untracked
+    paired_extra: List[float] = []  # per round: tracked - untracked
     for r in range(rounds):
         block_times = {}
         # Alternate which kind goes first, so neither always follows the other.
         for kind in (("plain", "tracked") if r % 2 == 0 else ("tracked", "plain")):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            hook_time[0] = 0.0
+            hook_time[0] = forward_time[kind][0] = 0.0
             block_times[kind] = [_timed(lambda k=kind: step(k), device) for _ in range(block)]
             if kind == "tracked":
                 times["hooks"].append(hook_time[0] / block)
+            if device.type == "cpu":
+                times["fwd_" + kind].append(forward_time[kind][0] / block)
+                times["rest_" + kind].append((sum(block_times[kind]) - forward_time[kind][0]) / block)
             times[kind] += block_times[kind]
             if device.type == "cuda":
                 peak[kind] = max(peak.get(kind, 0), torch.cuda.max_memory_allocated(device))
-        paired.append(statistics.median(block_times["tracked"]) / statistics.median(block_times["plain"]))
+        tracked_block, plain_block = statistics.median(block_times["tracked"]), statistics.median(block_times["plain"])
+        paired.append(tracked_block / plain_block)
+        paired_extra.append(tracked_block - plain_block)
         times["gram"].append(_timed(lambda: _gram_pass(matrices), device))
         # Epoch ends in the last rounds only: for wide layers one costs seconds.
         if r >= rounds - epoch_repeats:
@@ -286,7 +303,9 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
     tracker.close()
 
     med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
-    extra = med["tracked"] - med["plain"]
+    # Differences within a round, where both kinds ran within seconds of each other, cancel the
+    # drift of a shared machine better than the difference of two overall medians.
+    extra = statistics.median(paired_extra)
     result = dict(
         case=name,
         label=label,
@@ -300,6 +319,10 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         extra_over_gram=extra / med["gram"],
         hooks_s=med["hooks"],
         hooks_over_gram=med["hooks"] / med["gram"],
+        forward_untracked_s=med["fwd_plain"],
+        forward_tracked_s=med["fwd_tracked"],
+        rest_untracked_s=med["rest_plain"],
+        rest_tracked_s=med["rest_tracked"],
         gram_over_untracked=med["gram"] / med["plain"],
         epoch_end_s=med["epoch"],
         two_eigh_s=med["eigh"],
@@ -366,9 +389,17 @@ def print_report(info: Dict, results: List[Dict]) -> None:
             f"  bare float32 Gram    {r['gram_s'] * 1e3:9.2f} ms   "
             f"({100 * r['gram_over_untracked']:.1f} % of the untracked step)"
         )
-        print(f"  tracked - untracked  {r['extra_s'] * 1e3:9.2f} ms   = {r['extra_over_gram']:.2f} x the bare Gram")
+        print(
+            f"  tracked - untracked  {r['extra_s'] * 1e3:9.2f} ms   = {r['extra_over_gram']:.2f} x the bare Gram"
+            " (median of per-round differences)"
+        )
         if r["hooks_s"] == r["hooks_s"]:  # NaN where not measured (GPU)
             print(f"  inside the hooks     {r['hooks_s'] * 1e3:9.2f} ms   = {r['hooks_over_gram']:.2f} x the bare Gram")
+        if r["forward_tracked_s"] == r["forward_tracked_s"]:
+            print(
+                f"  forward pass         {r['forward_untracked_s'] * 1e3:9.2f} -> {r['forward_tracked_s'] * 1e3:.2f} ms"
+                f"   rest of the step {r['rest_untracked_s'] * 1e3:.2f} -> {r['rest_tracked_s'] * 1e3:.2f} ms"
+            )
         print(
             f"  epoch end            {r['epoch_end_s'] * 1e3:9.2f} ms   vs two eigh per layer "
             f"{r['two_eigh_s'] * 1e3:.2f} ms  (ratio {r['epoch_over_two_eigh']:.2f})"

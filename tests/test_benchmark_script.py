@@ -1,0 +1,58 @@
+"""The overhead benchmark, run as its users run it, on the smallest settings.
+
+Timing is never asserted (machines are noisy); what is checked is that the script
+reports what its README promises, for the models it builds.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_overhead_json_reports_every_quantity_for_the_lstm():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "overhead.py"),
+            "--cases",
+            "lstm",
+            "--rounds",
+            "2",
+            "--block",
+            "1",
+            "--warmup",
+            "1",
+            "--epoch-repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["machine"]["device"] == "cpu"
+    assert report["machine"]["torch_threads"] == 1
+    (case,) = report["results"]
+    # Two LSTMs and the read-out Linear; each kind stepped once per round.
+    assert case["case"] == "lstm" and case["layers"] == 3
+    assert case["steps_per_kind"] == 2
+    for key in ("untracked_s", "tracked_s", "gram_s", "hooks_s", "epoch_end_s", "two_eigh_s"):
+        assert math.isfinite(case[key]) and case[key] > 0, key
+    for part in ("forward", "rest"):
+        assert 0 < case[f"{part}_untracked_s"] < case["untracked_s"] * 2
+    assert math.isclose(case["ratio"], case["tracked_s"] / case["untracked_s"])
+    assert math.isclose(case["extra_over_gram"], case["extra_s"] / case["gram_s"])
+    # The float64 state of the three layers (256, 256 and 10 features) is the bulk of it;
+    # the per-batch figure is one float64 Gram matrix of the widest layer.
+    state = sum(8 * (d * d + 2 * d) for d in (256, 256, 10))
+    assert state <= case["accumulator_bytes"] <= 1.1 * state
+    assert case["transient_bytes"] == 8 * 256 * 256
