@@ -101,15 +101,37 @@ def _dense(x: torch.Tensor, timeseries_method: str, limit: Optional[int]):
     return x, batch
 
 
-def _convolution(
+def conv_data_matrix(
     x: torch.Tensor,
     method: str,
     strategy: Optional[str],
     size: int,
     limit: Optional[int],
     spatial_rank: Optional[int] = None,
-):
-    """Apply the convolution rule of :func:`to_data_matrix`: a ``(rows, features)`` matrix."""
+) -> Tuple[torch.Tensor, int]:
+    """Apply the convolution rule of :func:`to_data_matrix` to a feature map, without a layer.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(B, C, *spatial)``, or ``(C, *spatial)`` for one sample when ``spatial_rank`` says so.
+    method : str
+        One of ``CONV_METHODS``.
+    strategy : str or None
+        Interpolation mode for maps larger than ``size``, or ``None`` to keep them.
+    size : int
+        Target side length of the interpolation.
+    limit : int or None
+        Keep at most this many samples of the batch dimension.
+    spatial_rank : int, optional
+        The number of spatial dimensions (2 for a Conv2d); guessed from ``x`` if omitted.
+
+    Returns
+    -------
+    (torch.Tensor, int)
+        The ``(rows, features)`` matrix and the number of samples it covers.
+
+    """
     rows, batch = _convolution_rows(x, method, strategy, size, limit, spatial_rank)
     return rows.reshape(-1, rows.shape[-1]), batch
 
@@ -163,7 +185,8 @@ def _recurrent(out, batch_first: bool, method: str, limit: Optional[int]):
         if limit is not None:
             padded, lengths = padded[:limit], lengths[:limit]
         batch, steps, _ = padded.shape
-        lengths = lengths.to(padded.device)
+        # lengths comes back on the host; an asynchronous copy lets a GPU keep running.
+        lengths = lengths.to(padded.device, non_blocking=True)
         if method == "last_timestep":
             return padded[torch.arange(batch, device=padded.device), lengths - 1], batch
         valid = torch.arange(steps, device=padded.device).unsqueeze(0) < lengths.unsqueeze(1)

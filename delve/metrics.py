@@ -18,6 +18,7 @@ __all__ = [
     "SCALAR_STATS",
     "layer_statistics",
     "descending_eigenvalues",
+    "idim_of_eigenvalues",
     "compute_intrinsic_dimensionality",
     "compute_saturation",
     "compute_cov_determinant",
@@ -61,8 +62,12 @@ def descending_eigenvalues(cov: Matrix) -> torch.Tensor:
     return torch.linalg.eigvalsh(_as_float64(cov)).flip(0).clamp_min(0.0)
 
 
-def _idim(eig, thresh: float) -> int:
-    """Smallest k whose k leading (descending, clamped) eigenvalues explain ``thresh`` of their sum."""
+def idim_of_eigenvalues(eig: Union[np.ndarray, torch.Tensor], thresh: float) -> int:
+    """Return the smallest k whose k leading eigenvalues explain ``thresh`` of their sum.
+
+    ``eig`` must be sorted descending with negatives clamped to 0, as
+    :func:`descending_eigenvalues` returns them; an all-zero spectrum gives 0.
+    """
     eig = _host(eig)
     total = eig.sum()
     if total <= 0:
@@ -154,7 +159,7 @@ def layer_statistics(
     idim = None
     for stat in stats:
         if stat in ("idim", "lsat") and idim is None:
-            idim = _idim(eig, thresh)
+            idim = idim_of_eigenvalues(eig, thresh)
         if stat == "idim":
             out[stat] = idim
         elif stat == "lsat":

@@ -30,9 +30,9 @@ from torch import nn
 
 # The channelwise data matrix and the idim rule are the ones the tracker uses; the
 # PCA layers must not grow their own versions of either.
-from delve.activations import _convolution as _channelwise_matrix
+from delve.activations import conv_data_matrix
 from delve.covariance import TorchCovarianceMatrix
-from delve.metrics import _idim as _intrinsic_dimensionality
+from delve.metrics import idim_of_eigenvalues
 
 __all__ = [
     "rvs",
@@ -352,7 +352,7 @@ class BasePCALayer(nn.Module):
     def _select_components(self) -> None:
         """Keep the leading eigenvectors that reach the threshold, then rebuild the projection."""
         eigenvalues = self.eigenvalues.to(torch.float64).clamp_min(0.0)
-        k = _intrinsic_dimensionality(eigenvalues, self._threshold)
+        k = idim_of_eigenvalues(eigenvalues, self._threshold)
         self._set_components(self.eigenvectors[:, :k], random=False)
         log = logger.info if self.verbose else logger.debug
         log(
@@ -605,7 +605,7 @@ class Conv2DPCALayer(BasePCALayer):
 
     def _data_matrix(self, x: torch.Tensor) -> torch.Tensor:
         strategy = None if self.downsampling is None else "nearest"
-        matrix, _ = _channelwise_matrix(x, "channelwise", strategy, self.downsampling or 1, None)
+        matrix, _ = conv_data_matrix(x, "channelwise", strategy, self.downsampling or 1, None)
         return matrix
 
     def _apply_projection(self, x, projection, offset):
