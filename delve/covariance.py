@@ -194,6 +194,63 @@ def _autocast_off(device_type: str):
     return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
+# Process-wide matmul precision settings that make float32 products round their inputs
+# (TF32 on GPUs, bf16 on some CPUs), and the accumulators currently multiplying.
+_PRECISION_LOCK = threading.Lock()
+_precision_users = 0
+_saved_precision: Optional[Tuple[Tuple[object, str], ...]] = None
+
+
+def _reduced_precision_settings() -> Tuple[Tuple[object, str], ...]:
+    """Return ``(backend, value)`` for each matmul precision setting that is not full float32."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    if all(hasattr(b, "fp32_precision") for b in backends):
+        # A backend left at "none" follows the process-wide default.
+        full = ("ieee", "none") if getattr(torch.backends, "fp32_precision", "ieee") in ("ieee", "none") else ("ieee",)
+        return tuple((b, b.fp32_precision) for b in backends if b.fp32_precision not in full)
+    precision = torch.get_float32_matmul_precision()  # torch before the per-backend settings
+    return () if precision == "highest" else ((torch, precision),)
+
+
+def _set_precision(backend: object, value: Optional[str]) -> None:
+    if backend is torch:
+        torch.set_float32_matmul_precision(value or "highest")
+    else:
+        backend.fp32_precision = value or "ieee"
+
+
+@contextlib.contextmanager
+def _full_precision_products():
+    """Run the float32 Gram products at full precision, whatever the process-wide setting.
+
+    ``torch.set_float32_matmul_precision("high")``, which training frameworks recommend
+    on recent GPUs, lets float32 products round their inputs to TF32's 10 mantissa bits:
+    harmless for training, but a relative error of 1e-5 to 1e-4 in a covariance, far over
+    SPEC §4. The setting is process-wide, so it is raised while any accumulator
+    multiplies and put back, exactly as it was, when the last one is done. Another
+    thread's products in that window only run at full precision.
+    """
+    global _precision_users, _saved_precision
+    with _PRECISION_LOCK:
+        if _precision_users == 0:
+            try:
+                _saved_precision = _reduced_precision_settings()
+                for backend, _ in _saved_precision:
+                    _set_precision(backend, None)
+            except (AttributeError, RuntimeError, TypeError):  # settings torch will not report
+                _saved_precision = ()
+        _precision_users += 1
+    try:
+        yield
+    finally:
+        with _PRECISION_LOCK:
+            _precision_users -= 1
+            if _precision_users == 0:
+                for backend, value in _saved_precision or ():
+                    _set_precision(backend, value)
+                _saved_precision = None
+
+
 _TRIANGLES: Dict[Tuple[int, torch.device], torch.Tensor] = {}
 
 
@@ -226,6 +283,9 @@ class TorchCovarianceMatrix:
     Batches containing NaN or Inf are skipped whole and counted in :attr:`skipped`.
     The check happens on the device, so a GPU never waits for the host.
     Updates may come from several threads at once (``nn.DataParallel``).
+    The products run at full float32 precision even where
+    ``torch.set_float32_matmul_precision("high")`` lets the rest of the model use TF32;
+    the setting is put back after each batch.
 
     """
 
@@ -393,7 +453,8 @@ class TorchCovarianceMatrix:
             else:  # the running mean (the shift itself while no row was accepted)
                 target = (self._origin + self._sum / self._n.clamp_min(1.0)).to(work)
             self._move_shift(target)
-        gram, sums = _centred_gram(x, self._shift, work, self._bounds)
+        with _full_precision_products():
+            gram, sums = _centred_gram(x, self._shift, work, self._bounds)
         rows = x.numel() // x.shape[-1]
         # A non-finite value anywhere makes its column's diagonal entry, hence the trace,
         # non-finite. The batch is then dropped on the device: no host round trip.

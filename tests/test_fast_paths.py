@@ -338,3 +338,110 @@ def test_one_eigenvalue_decomposition_per_layer_and_mode(monkeypatch):
     assert values["det"] == pytest.approx(np.prod(eig), rel=1e-8)
     layer_statistics(torch.from_numpy(cov), ["lsat", "embed"], samples=torch.from_numpy(rows[:10]))
     assert calls == {"eigvalsh": 1, "eigh": 1}
+
+
+# ------------------------------------------------------------------ matmul precision
+
+
+def _precision_state():
+    return (
+        torch.backends.cuda.matmul.fp32_precision,
+        torch.backends.mkldnn.matmul.fp32_precision,
+        torch.get_float32_matmul_precision(),
+    )
+
+
+@pytest.fixture
+def user_precision():
+    """Let a test set the process-wide matmul precision; put the default back after it.
+
+    Request it before ``monkeypatch``, so that it is torn down after the patches are undone.
+    """
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_products_run_at_full_precision_and_the_setting_is_put_back(user_precision, monkeypatch, precision):
+    # "high" is TF32 for float32 products on recent GPUs (10 mantissa bits), "medium"
+    # bf16 on CPUs that have it: TF32 rounding alone costs a covariance 2e-5 to 8e-5 relative error.
+    user_precision(precision)
+    before = _precision_state()
+    assert before[0] == "tf32"
+    during = []
+    products = covariance._centred_gram
+
+    def spy(*args):
+        during.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+        return products(*args)
+
+    monkeypatch.setattr(covariance, "_centred_gram", spy)
+    rng = np.random.default_rng(21)
+    rows = _rows(rng, 6000, 48, mean_scale=1e4).astype(np.float32)
+    acc = _accumulate(torch.from_numpy(p) for p in np.array_split(rows, 4))
+    assert during and all(d == ("ieee", "ieee") for d in during)
+    assert _precision_state() == before
+    assert rel_err(acc.fix().numpy(), np_cov(rows)) < TOL
+
+
+def test_precision_before_the_per_backend_settings(user_precision, monkeypatch):
+    # torch releases before the per-backend fp32_precision attributes have only the
+    # process-wide float32_matmul_precision.
+    from types import SimpleNamespace
+
+    user_precision("high")
+    monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace())
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", SimpleNamespace())
+    during = []
+    products = covariance._centred_gram
+
+    def spy(*args):
+        during.append(torch.get_float32_matmul_precision())
+        return products(*args)
+
+    monkeypatch.setattr(covariance, "_centred_gram", spy)
+    rows = torch.randn(2000, 24)
+    acc = _accumulate(rows.split(500))
+    assert during == ["highest"] * 4
+    assert torch.get_float32_matmul_precision() == "high"
+    assert rel_err(acc.fix().numpy(), np_cov(rows.double().numpy())) < TOL
+    monkeypatch.undo()
+    assert _precision_state()[2] == "high"
+
+
+def test_precision_is_put_back_after_concurrent_updates(user_precision):
+    # Accumulators of several DataParallel replicas multiply at once: the setting is
+    # raised by the first and put back by the last, whatever the interleaving.
+    import threading
+
+    user_precision("high")
+    before = _precision_state()
+    rows = torch.randn(8, 3000, 40)
+    accs = [TorchCovarianceMatrix() for _ in range(8)]
+    start = threading.Barrier(8)
+
+    def work(i):
+        start.wait()
+        for part in rows[i].split(300):
+            accs[i].update(part)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _precision_state() == before
+    assert covariance._precision_users == 0
+    for i, acc in enumerate(accs):
+        assert rel_err(acc.fix().numpy(), np_cov(rows[i].double().numpy())) < TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tf32_does_not_reach_the_gram_products_on_cuda(user_precision):
+    user_precision("high")
+    rng = np.random.default_rng(22)
+    rows = _rows(rng, 20000, 256).astype(np.float32)
+    acc = _accumulate([torch.from_numpy(p).cuda() for p in np.array_split(rows, 5)])
+    assert rel_err(acc.fix().cpu().numpy(), np_cov(rows)) < TOL
