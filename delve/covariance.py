@@ -29,6 +29,8 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from delve._eager import run_eagerly
+
 __all__ = ["TorchCovarianceMatrix", "covariance_bytes", "workspace_bytes", "release_workspace"]
 
 DeviceLike = Union[str, torch.device, None]
@@ -425,6 +427,7 @@ class TorchCovarianceMatrix:
             raise ValueError(f"update_rows expects a (..., features) tensor, got shape {tuple(x.shape)}")
         self._update(x)
 
+    @run_eagerly
     def _update(self, x: torch.Tensor) -> None:
         features = x.shape[-1]
         if self._dim is not None and features != self._dim:

@@ -8,18 +8,13 @@ and every rank computes the same statistics; only rank 0 writes files.
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Sequence, Union
+from typing import Dict, Hashable
 
 import torch.distributed as dist
-from torch import nn
 
 from delve.covariance import TorchCovarianceMatrix
 
-__all__ = ["is_distributed", "is_writer", "synchronize", "unwrap"]
-
-# Wrappers whose ``.module`` is the model the user wrote; hooks go on its layers.
-_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-
+__all__ = ["is_distributed", "is_writer", "synchronize"]
 
 def is_distributed(group=None) -> bool:
     """Whether a process group of more than one rank is initialised."""
@@ -29,20 +24,6 @@ def is_distributed(group=None) -> bool:
 def is_writer() -> bool:
     """Whether this process writes files (rank 0, or the only process)."""
     return not is_distributed() or dist.get_rank() == 0
-
-
-def unwrap(modules: Union[nn.Module, Sequence[nn.Module]]) -> Union[nn.Module, List[nn.Module]]:
-    """Return the model inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper.
-
-    Layers are then named by their path in the user's model (``fc1``, not
-    ``module-fc1``), so a run's columns are the same with and without the wrapper.
-    Lists are unwrapped element by element; anything else is returned unchanged.
-    """
-    if isinstance(modules, (list, tuple)):
-        return [unwrap(module) for module in modules]
-    while isinstance(modules, _WRAPPERS):
-        modules = modules.module
-    return modules
 
 
 def synchronize(tracker, group=None) -> Dict[Hashable, TorchCovarianceMatrix]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -22,6 +23,8 @@ RECURRENT_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
 LINEAR_TYPES = (nn.Linear,)
 
 Modules = Union[nn.Module, Sequence[nn.Module]]
+# Wrappers whose ``.module`` is the model the user wrote; hooks go on its layers.
+_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 
 def is_trackable(module: nn.Module, include_conv: bool = True) -> bool:
@@ -34,6 +37,24 @@ def _trackable_children(container: nn.Module, include_conv: bool):
     for path, module in container.named_modules():
         if path and is_trackable(module, include_conv):
             yield path.replace(".", "-"), module
+
+
+def unwrap(modules: Modules) -> Union[nn.Module, List[nn.Module]]:
+    """Return the model inside ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers.
+
+    Layers are then named by their path in the user's model (``fc1``, not
+    ``module-fc1`` or ``_orig_mod-fc1``), so a run's columns are the same with and
+    without the wrapper.
+    Lists are unwrapped element by element; anything else is returned unchanged.
+    """
+    if isinstance(modules, (list, tuple)):
+        return [unwrap(module) for module in modules]
+    # A compiled model exists only once torch._dynamo is imported; importing it here
+    # for the check would cost every user a second.
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
+    while isinstance(modules, _WRAPPERS) or isinstance(modules, compiled):
+        modules = modules.module if isinstance(modules, _WRAPPERS) else modules._orig_mod
+    return modules
 
 
 def discover_layers(

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from delve import distributed
+from delve._eager import run_eagerly
 from delve.activations import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS, first_rows, to_data_rows
 from delve.console import SaturationBars
 from delve.covariance import TorchCovarianceMatrix, covariance_bytes
-from delve.layers import CONV_TYPES, LINEAR_TYPES, RECURRENT_TYPES, discover_layers
+from delve.layers import CONV_TYPES, LINEAR_TYPES, RECURRENT_TYPES, discover_layers, unwrap
 from delve.metrics import SCALAR_STATS, STATMAP, layer_statistics
 from delve.writers import AbstractWriter, WriterSpec, build_writer
 
@@ -282,7 +283,7 @@ class CheckLayerSat:
             ignore_layer_names = [ignore_layer_names]
         self.device = _check_device(device)
 
-        self.layers = discover_layers(distributed.unwrap(modules), include_conv, ignore_layer_names, layer_filter)
+        self.layers = discover_layers(unwrap(modules), include_conv, ignore_layer_names, layer_filter)
         if not self.layers:
             raise ValueError(
                 "no trackable layer found: delve tracks Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
@@ -350,6 +351,7 @@ class CheckLayerSat:
 
         return hook
 
+    @run_eagerly
     def _record(self, name: str, module: nn.Module, output) -> None:
         """Feed one forward pass of one layer into its accumulator."""
         mode = "train" if module.training else "eval"

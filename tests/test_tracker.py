@@ -317,3 +317,41 @@ def test_user_writer_receives_global_step_and_user_scalars_last_value_wins():
     assert prefix == "" and kwargs["global_step"] == 5
     assert set(values) == {"train-saturation_Module-0-Linear"}
     assert kwargs["sample_value_dict"]["train-embedded-sample_Module-0-Linear"].shape == (6, 2)
+
+
+@pytest.mark.parametrize("compile_first", [False, True])
+def test_compiled_model_is_tracked_and_the_tracker_runs_eagerly(monkeypatch, compile_first):
+    # torch.compile traces module hooks; the tracker's own code must stay out of the
+    # graph (it would recompile at every batch as its state changes) and still see
+    # every batch. The expected rows come from the uncompiled layers, run by the test.
+    import delve.covariance as covariance
+
+    traced = []
+    products = covariance._centred_gram
+
+    def spy(*args):
+        traced.append(torch.compiler.is_compiling())
+        return products(*args)
+
+    monkeypatch.setattr(covariance, "_centred_gram", spy)
+    torch.manual_seed(0)
+    model = MLP()
+    if compile_first:  # the tracker is given the compiled wrapper; layers keep their plain names
+        compiled = torch.compile(model, backend="eager")
+        tracker = CheckLayerSat("unused", "csv", compiled, stats=STATS, nosave=True)
+    else:
+        tracker = CheckLayerSat("unused", "csv", model, stats=STATS, nosave=True)
+        compiled = torch.compile(model, backend="eager")
+    assert list(tracker.layers) == ["linear1", "linear2"]
+    batches = [torch.randn(32, 10) for _ in range(4)]
+    with torch.no_grad():
+        for x in batches:
+            compiled(x)
+        # Functional calls: the layers' own hooks (the tracker's) must not fire again.
+        hidden = [nn.functional.linear(x, model.linear1.weight, model.linear1.bias) for x in batches]
+        logits = [nn.functional.linear(torch.relu(h), model.linear2.weight, model.linear2.bias) for h in hidden]
+    values = tracker.add_saturations()
+    tracker.close()
+    assert len(traced) == 8 and not any(traced)
+    assert_matches(values, "linear1", "train", [h.double().numpy() for h in hidden])
+    assert_matches(values, "linear2", "train", [y.double().numpy() for y in logits])
