@@ -29,7 +29,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from delve._eager import run_eagerly
+from delve._runtime import run_eagerly
 
 __all__ = ["TorchCovarianceMatrix", "covariance_bytes", "workspace_bytes", "release_workspace"]
 

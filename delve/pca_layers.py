@@ -30,6 +30,7 @@ from torch import nn
 
 # The channelwise data matrix and the idim rule are the ones the tracker uses; the
 # PCA layers must not grow their own versions of either.
+from delve._runtime import in_backward
 from delve.activations import conv_data_matrix
 from delve.covariance import TorchCovarianceMatrix
 from delve.metrics import idim_of_eigenvalues
@@ -269,7 +270,8 @@ class BasePCALayer(nn.Module):
         """
         self._check_input(x)
         if self.training:
-            self._observe(x)
+            if not in_backward():  # a checkpoint's recomputation was observed by the forward pass
+                self._observe(x)
             return x
         self._window_open = False
         self._fit_if_pending()

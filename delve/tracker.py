@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from delve import distributed
-from delve._eager import run_eagerly
+from delve._runtime import in_backward, run_eagerly
 from delve.activations import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS, first_rows, to_data_rows
 from delve.console import SaturationBars
 from delve.covariance import TorchCovarianceMatrix, covariance_bytes
@@ -354,6 +354,8 @@ class CheckLayerSat:
     @run_eagerly
     def _record(self, name: str, module: nn.Module, output) -> None:
         """Feed one forward pass of one layer into its accumulator."""
+        if in_backward():  # a checkpoint recomputing activations the forward pass recorded
+            return
         mode = "train" if module.training else "eval"
         state = self._state.get((name, mode))
         if state is None:

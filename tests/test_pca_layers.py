@@ -295,6 +295,27 @@ def test_gradients_flow_to_the_input_and_the_layer_has_no_parameters():
     np.testing.assert_allclose(x.grad.numpy(), np.tile(projection.sum(1), (4, 1)), atol=1e-9)
 
 
+def test_checkpoint_recomputation_is_not_recorded_again():
+    # Inside a checkpointed segment the layer's forward runs a second time during
+    # backward; the fit must rest on the rows of the forward passes only, once each.
+    from torch.utils.checkpoint import checkpoint
+
+    rng = np.random.default_rng(8)
+    rows = LowRank(rng, 6, [3.0, 1.0])(120)
+    layer = LinearPCALayer(6)
+    layer.train()
+    for batch in batches(rows, 40):
+        x = batch.clone().requires_grad_(True)
+        # pow saves its input for backward, so the segment (the layer with it) is recomputed.
+        checkpoint(lambda t: layer(t).pow(2), x, use_reentrant=False).sum().backward()
+    layer.eval()
+    layer(torch.zeros(1, 6))  # the first evaluation pass fits
+    assert int(layer.sample_count) == 120
+    mu, values, _, _ = ref_pca(np.concatenate([b.double().numpy() for b in batches(rows, 40)]), True, 0.99)
+    np.testing.assert_allclose(layer.mean.numpy(), mu, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(layer.eigenvalues.numpy(), values, rtol=0, atol=1e-4 * values[0])
+
+
 # ------------------------------------------------------------- Conv2DPCALayer
 
 

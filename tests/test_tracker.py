@@ -355,3 +355,25 @@ def test_compiled_model_is_tracked_and_the_tracker_runs_eagerly(monkeypatch, com
     assert len(traced) == 8 and not any(traced)
     assert_matches(values, "linear1", "train", [h.double().numpy() for h in hidden])
     assert_matches(values, "linear2", "train", [y.double().numpy() for y in logits])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_records_each_row_once(reentrant):
+    # A checkpointed segment runs its forward again inside backward to recompute its
+    # activations; those rows were recorded by the forward pass and must not count twice.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = MLP()
+    tracker = CheckLayerSat("unused", "csv", model, stats=STATS, nosave=True)
+    batches = [torch.randn(16, 10, requires_grad=True) for _ in range(3)]
+    for x in batches:
+        hidden = checkpoint(lambda t: torch.relu(model.linear1(t)), x, use_reentrant=reentrant)
+        model.linear2(hidden).sum().backward()
+    state = tracker._state[("linear1", "train")]
+    assert state.cov.count == 48 and state.calls == 3
+    with torch.no_grad():
+        hidden = [nn.functional.linear(x, model.linear1.weight, model.linear1.bias) for x in batches]
+    values = tracker.add_saturations()
+    tracker.close()
+    assert_matches(values, "linear1", "train", [h.double().numpy() for h in hidden])

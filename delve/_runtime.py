@@ -1,10 +1,12 @@
-"""Keep ``torch.compile`` out of the tracker's own code."""
+"""How the tracker's own code runs inside a training step: outside compiled graphs, once per forward pass."""
 
 from __future__ import annotations
 
 import functools
 import sys
 from typing import Callable, TypeVar
+
+import torch
 
 F = TypeVar("F", bound=Callable)
 
@@ -31,3 +33,18 @@ def run_eagerly(fn: F) -> F:
         return disabled(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+# The autograd graph task this thread is running, -1 outside a backward pass. Private,
+# but the one way to tell a checkpoint's recomputation from a forward pass (the
+# checkpoint module itself relies on it); where it is missing nothing is skipped.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def in_backward() -> bool:
+    """Return whether this thread is inside a backward pass.
+
+    Gradient checkpointing runs a segment's forward again during backward to recompute
+    its activations. Those are rows the forward pass has recorded already.
+    """
+    return _graph_task_id() != -1
