@@ -253,6 +253,15 @@ def _full_precision_products():
                 _saved_precision = None
 
 
+# Device types without float64 arithmetic (Apple's MPS).
+_NO_FLOAT64 = ("mps",)
+
+
+def _float64_home(device: torch.device) -> torch.device:
+    """Return where the float64 state of activations on ``device`` lives: there, or the CPU."""
+    return torch.device("cpu") if device.type in _NO_FLOAT64 else device
+
+
 _TRIANGLES: Dict[Tuple[int, torch.device], torch.Tensor] = {}
 
 
@@ -272,7 +281,8 @@ class TorchCovarianceMatrix:
     ----------
     device : str or torch.device, optional
         Where the state lives. ``None`` (default) keeps it on the device of the first
-        batch, so no activation is ever copied between devices.
+        batch, so no activation is ever copied between devices; activations on a device
+        without float64 arithmetic (Apple's MPS) are accumulated on the CPU.
     float64_products : bool, default False
         Compute each batch's Gram product in float64. By default it is computed in
         float32 on data centred on a running shift, over row blocks summed in float64,
@@ -293,6 +303,11 @@ class TorchCovarianceMatrix:
 
     def __init__(self, device: DeviceLike = None, float64_products: bool = False):
         self.device = torch.device(device) if device is not None else None
+        if self.device is not None and self.device.type in _NO_FLOAT64:
+            raise ValueError(
+                f"device {str(self.device)!r} has no float64 arithmetic, which the accumulator needs; use "
+                "device=None (the state then stays on the CPU for such activations) or 'cpu'"
+            )
         self.float64_products = bool(float64_products)
         # Re-entrant, so that a method holding it may read the public state properties.
         self._lock = threading.RLock()
@@ -441,9 +456,11 @@ class TorchCovarianceMatrix:
         with inference, _autocast_off(x.device.type), self._lock:
             x = x.detach()
             if self._gram is None:
-                self._allocate(features, self.device if self.device is not None else x.device)
+                self._allocate(features, self.device if self.device is not None else _float64_home(x.device))
             if x.device != self._gram.device:
-                x = x.to(self._gram.device, non_blocking=True)
+                # To the host a copy must be complete before the CPU reads it: only copies
+                # to an accelerator may run asynchronously (they are ordered on its stream).
+                x = x.to(self._gram.device, non_blocking=self._gram.device.type != "cpu")
             self._add_batch(x)
 
     def _add_batch(self, x: torch.Tensor) -> None:

@@ -144,8 +144,11 @@ def _check_device(device) -> Optional[torch.device]:
             raise ValueError(
                 f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) are visible"
             )
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was asked for but MPS is not available; use device=None or 'cpu'")
+    elif device.type == "mps":
+        raise ValueError(
+            "device 'mps' has no float64 arithmetic, which the accumulators need; use device=None "
+            "(MPS activations are then accumulated on the CPU) or 'cpu'"
+        )
     return device
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from delve import TorchCovarianceMatrix
+from delve import TorchCovarianceMatrix, covariance
 from delve.torch_utils import TorchCovarianceMatrix as FromTorchUtils
 from tests.reference import np_cov, rel_err
 
@@ -140,3 +140,13 @@ def test_explicit_device_and_legacy_import_path():
     acc = TorchCovarianceMatrix(device="cpu")
     acc.update(torch.randn(10, 2))
     assert acc.fix().device.type == "cpu"
+
+
+def test_devices_without_float64_keep_the_state_on_the_cpu():
+    # Apple's MPS has no float64: an explicit request is refused when the accumulator is
+    # built, and with device=None MPS activations are accumulated on the CPU.
+    with pytest.raises(ValueError, match=r"'mps' has no float64 arithmetic.*'cpu'"):
+        TorchCovarianceMatrix(device="mps")
+    assert covariance._float64_home(torch.device("mps")) == torch.device("cpu")
+    assert covariance._float64_home(torch.device("cpu")) == torch.device("cpu")
+    assert covariance._float64_home(torch.device("cuda", 1)) == torch.device("cuda", 1)

@@ -30,6 +30,7 @@ def make(**kwargs):
         ({"interpolation_strategy": "cubic"}, r"unknown interpolation_strategy 'cubic'.*'bilinear'"),
         ({"interpolation_downsampling": 0}, r"interpolation_downsampling must be an integer >= 1"),
         ({"device": "gpu"}, r"device 'gpu' is not a torch device"),
+        ({"device": "mps"}, r"device 'mps' has no float64 arithmetic.*device=None.*'cpu'"),
         ({"modules": nn.ReLU()}, r"no trackable layer found: delve tracks Linear"),
         ({"modules": [nn.Conv2d(1, 1, 1)], "include_conv": False}, r"excluded by include_conv=False"),
     ],
