@@ -348,8 +348,12 @@ class CheckLayerSat:
 
     # ------------------------------------------------------------------ hooks
     def _make_hook(self, name: str):
+        layer = self.layers[name]
+
         def hook(module, inputs, output):
-            if self._recording:
+            # copy.deepcopy of the model (an EMA copy, a kept best model) copies these
+            # hooks too: only the tracked layer and its nn.DataParallel replicas count.
+            if self._recording and (module is layer or getattr(module, "_is_replica", False)):
                 self._record(name, module, output)
 
         return hook

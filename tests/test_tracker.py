@@ -377,3 +377,30 @@ def test_gradient_checkpointing_records_each_row_once(reentrant):
     values = tracker.add_saturations()
     tracker.close()
     assert_matches(values, "linear1", "train", [h.double().numpy() for h in hidden])
+
+
+def test_deep_copies_of_the_model_are_not_recorded():
+    # An EMA model or a kept "best" model made with copy.deepcopy carries the tracker's
+    # hooks along; its forward passes must not mix into the tracked model's statistics.
+    import copy
+
+    torch.manual_seed(0)
+    model = MLP()
+    tracker = CheckLayerSat("unused", "csv", model, stats=STATS, nosave=True)
+    ema = copy.deepcopy(model)
+    capture = OutputCapture({"linear1": model.linear1})  # registered after the copy: on the model only
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 10))
+            ema(torch.randn(16, 10) * 5)
+    assert tracker._state[("linear1", "train")].cov.count == 48
+    # nn.DataParallel's replicas share the hooks too, and are recorded (replicated here
+    # by the same call DataParallel makes for each module, without GPUs).
+    replica = model.linear1._replicate_for_data_parallel()
+    replica.weight, replica.bias = model.linear1.weight, model.linear1.bias  # as replicate() does
+    with torch.no_grad():
+        replica(torch.randn(16, 10))
+    assert tracker._state[("linear1", "train")].cov.count == 64
+    values = tracker.add_saturations()
+    tracker.close()
+    assert_matches(values, "linear1", "train", capture.take("linear1", "train"))
