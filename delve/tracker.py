@@ -160,6 +160,35 @@ def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None
         raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
 
 
+class _LayerHook:
+    """The forward hook on one tracked layer: hands its output to the tracker while it records.
+
+    ``nn.DataParallel`` replicas share it. A copy of the model (``copy.deepcopy`` for an
+    EMA model or a kept best model, or ``torch.save(model)``) gets an :class:`_InertHook`
+    instead: the copy must neither feed this tracker nor need it to be pickled.
+    """
+
+    __slots__ = ("tracker", "name")
+
+    def __init__(self, tracker: CheckLayerSat, name: str):
+        self.tracker = tracker
+        self.name = name
+
+    def __call__(self, module: nn.Module, inputs, output) -> None:
+        if self.tracker._recording:
+            self.tracker._record(self.name, module, output)
+
+    def __reduce__(self):
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """What a tracker's hook becomes in a copy of the model: nothing."""
+
+    def __call__(self, module: nn.Module, inputs, output) -> None:
+        return None
+
+
 class CheckLayerSat:
     """Track the saturation and other eigenspace statistics of a model's layers during training.
 
@@ -343,21 +372,10 @@ class CheckLayerSat:
         self._warned: set = set()  # (reason, layer, ...) already logged once
         self._bars = None  # the console view of verbose=True, made at the first epoch end
         self._hooks = [
-            layer.register_forward_hook(self._make_hook(name)) for name, layer in self.layers.items()
+            layer.register_forward_hook(_LayerHook(self, name)) for name, layer in self.layers.items()
         ]
 
     # ------------------------------------------------------------------ hooks
-    def _make_hook(self, name: str):
-        layer = self.layers[name]
-
-        def hook(module, inputs, output):
-            # copy.deepcopy of the model (an EMA copy, a kept best model) copies these
-            # hooks too: only the tracked layer and its nn.DataParallel replicas count.
-            if self._recording and (module is layer or getattr(module, "_is_replica", False)):
-                self._record(name, module, output)
-
-        return hook
-
     @run_eagerly
     def _record(self, name: str, module: nn.Module, output) -> None:
         """Feed one forward pass of one layer into its accumulator."""

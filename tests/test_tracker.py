@@ -404,3 +404,27 @@ def test_deep_copies_of_the_model_are_not_recorded():
     values = tracker.add_saturations()
     tracker.close()
     assert_matches(values, "linear1", "train", capture.take("linear1", "train"))
+
+
+def test_the_model_can_be_saved_whole_while_tracked():
+    # torch.save(model) in the middle of a tracked training must work; the saved model
+    # loads and runs without the tracker, and its passes are not recorded.
+    import io
+
+    torch.manual_seed(0)
+    model = MLP()
+    tracker = CheckLayerSat("unused", "csv", model, stats=STATS, nosave=True)
+    batches = [torch.randn(16, 10) for _ in range(3)]
+    with torch.no_grad():
+        model(batches[0])
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        torch.testing.assert_close(loaded(batches[1]), model(batches[1]))
+        model(batches[2])
+        hidden = [nn.functional.linear(x, model.linear1.weight, model.linear1.bias) for x in batches]
+    assert tracker._state[("linear1", "train")].cov.count == 48
+    values = tracker.add_saturations()
+    tracker.close()
+    assert_matches(values, "linear1", "train", [h.double().numpy() for h in hidden])
