@@ -419,7 +419,13 @@ class CheckLayerSat:
                 # A batch the accumulator skips (NaN/Inf) must not reach the embedding either.
                 state.samples.append((keep, torch.isfinite(x).all()))
                 state.sample_rows += keep.shape[0]
-        state.cov.update_rows(x)  # the accumulator brings x to its own device
+        try:
+            state.cov.update_rows(x)  # the accumulator brings x to its own device
+        except Exception:  # e.g. conv_method='flatten' on maps that change size: skip, keep training
+            if ("update", name) not in self._warned:
+                self._warned.add(("update", name))
+                msg = "layer %s: a batch could not be added to its covariance; such batches are skipped"
+                logger.exception(msg, name)
 
     def _check_memory(self, name: str, dim: int) -> None:
         needed = covariance_bytes(dim)

@@ -428,3 +428,23 @@ def test_the_model_can_be_saved_whole_while_tracked():
     values = tracker.add_saturations()
     tracker.close()
     assert_matches(values, "linear1", "train", [h.double().numpy() for h in hidden])
+
+
+def test_a_batch_the_accumulator_refuses_is_skipped_and_training_goes_on(caplog):
+    # conv_method='flatten' on maps that change size gives rows of another width: the
+    # covariance of the first width goes on, the odd batches are left out with one log.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    tracker = CheckLayerSat("unused", "csv", conv, stats=STATS, conv_method="flatten", nosave=True)
+    capture = OutputCapture({"conv": conv})
+    with torch.no_grad(), caplog.at_level("ERROR", logger="delve"):
+        for size in (4, 5, 4, 5, 4):
+            conv(torch.randn(8, 2, size, size))
+    (name,) = tracker.layers
+    refused = [r for r in caplog.records if "could not be added" in r.getMessage()]
+    assert len(refused) == 1 and name in refused[0].getMessage()
+    rows = [o.reshape(o.shape[0], -1) for o in capture.take("conv", "train") if o.shape[-1] == 4]
+    assert len(rows) == 3
+    values = tracker.add_saturations()
+    tracker.close()
+    assert_matches(values, name, "train", rows)
