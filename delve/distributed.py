@@ -16,6 +16,7 @@ from delve.covariance import TorchCovarianceMatrix
 
 __all__ = ["is_distributed", "is_writer", "synchronize"]
 
+
 def is_distributed(group=None) -> bool:
     """Whether a process group of more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from delve._runtime import in_backward
+
 # The channelwise data matrix and the idim rule are the ones the tracker uses; the
 # PCA layers must not grow their own versions of either.
-from delve._runtime import in_backward
 from delve.activations import conv_data_matrix
 from delve.covariance import TorchCovarianceMatrix
 from delve.metrics import idim_of_eigenvalues

@@ -369,7 +369,7 @@ class CheckLayerSat:
         self._user_groups: List[Tuple[str, Dict[str, Any]]] = []
         self._recording = True
         self._closed = False
-        self._warned: set = set()  # (reason, layer, ...) already logged once
+        self._warned: set = set()  # (reason, layer, ...) already logged once: see _first_time
         self._bars = None  # the console view of verbose=True, made at the first epoch end
         self._hooks = [
             layer.register_forward_hook(_LayerHook(self, name)) for name, layer in self.layers.items()
@@ -407,12 +407,21 @@ class CheckLayerSat:
                         remaining,
                     )
             except Exception:  # a layer whose output we cannot read must not stop training
-                if ("unreadable", name) not in self._warned:
-                    self._warned.add(("unreadable", name))
+                if self._first_time("unreadable", name):
                     logger.exception("layer %s: cannot make a data matrix from its output; it is skipped", name)
                 return
             if state.cov.dim is None:
                 self._check_memory(name, x.shape[-1])
+            elif x.shape[-1] != state.cov.dim:  # conv_method='flatten' on maps of another size
+                if self._first_time("width", name):
+                    logger.error(
+                        "layer %s: a batch has %d features where the layer's first batch had %d; "
+                        "such batches are skipped (use conv_method='channelwise' or an interpolation_strategy)",
+                        name,
+                        x.shape[-1],
+                        state.cov.dim,
+                    )
+                return
             state.seen += batch
             if "embed" in self.stats[mode] and state.sample_rows < EMBED_SAMPLES:
                 keep = first_rows(x, EMBED_SAMPLES - state.sample_rows)
@@ -421,11 +430,16 @@ class CheckLayerSat:
                 state.sample_rows += keep.shape[0]
         try:
             state.cov.update_rows(x)  # the accumulator brings x to its own device
-        except Exception:  # e.g. conv_method='flatten' on maps that change size: skip, keep training
-            if ("update", name) not in self._warned:
-                self._warned.add(("update", name))
-                msg = "layer %s: a batch could not be added to its covariance; such batches are skipped"
-                logger.exception(msg, name)
+        except Exception:  # a device out of memory, say: skip the batch, keep training
+            if self._first_time("update", name):
+                logger.exception("layer %s: a batch could not be added to its covariance; it is skipped", name)
+
+    def _first_time(self, *key) -> bool:
+        """Return whether ``key`` is new: for what is logged once per tracker."""
+        if key in self._warned:
+            return False
+        self._warned.add(key)
+        return True
 
     def _check_memory(self, name: str, dim: int) -> None:
         needed = covariance_bytes(dim)
@@ -501,8 +515,7 @@ class CheckLayerSat:
         if cov.dim is None or cov.count == 0:
             return None
         skipped = cov.skipped_batches
-        if skipped and ("nonfinite", name, mode) not in self._warned:
-            self._warned.add(("nonfinite", name, mode))
+        if skipped and self._first_time("nonfinite", name, mode):
             logger.warning(
                 "layer %s (%s): %d batch(es) with NaN/Inf activations were skipped", name, mode, skipped
             )

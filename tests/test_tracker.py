@@ -435,16 +435,44 @@ def test_a_batch_the_accumulator_refuses_is_skipped_and_training_goes_on(caplog)
     # covariance of the first width goes on, the odd batches are left out with one log.
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3, padding=1)
-    tracker = CheckLayerSat("unused", "csv", conv, stats=STATS, conv_method="flatten", nosave=True)
+    tracker = CheckLayerSat("unused", "csv", conv, stats=STATS + ["embed"], conv_method="flatten", nosave=True)
     capture = OutputCapture({"conv": conv})
     with torch.no_grad(), caplog.at_level("ERROR", logger="delve"):
         for size in (4, 5, 4, 5, 4):
             conv(torch.randn(8, 2, size, size))
     (name,) = tracker.layers
-    refused = [r for r in caplog.records if "could not be added" in r.getMessage()]
+    refused = [r for r in caplog.records if "features where the layer's first batch had" in r.getMessage()]
     assert len(refused) == 1 and name in refused[0].getMessage()
     rows = [o.reshape(o.shape[0], -1) for o in capture.take("conv", "train") if o.shape[-1] == 4]
     assert len(rows) == 3
     values = tracker.add_saturations()
     tracker.close()
     assert_matches(values, name, "train", rows)
+
+
+def test_a_failing_update_is_logged_once_and_training_goes_on(monkeypatch, caplog):
+    # Whatever the accumulator raises (a device out of memory, say), the forward pass
+    # goes on and the other batches are still recorded.
+    torch.manual_seed(0)
+    model = MLP()
+    tracker = CheckLayerSat("unused", "csv", model, stats=STATS, nosave=True)
+    capture = OutputCapture({"linear1": model.linear1})
+    state = tracker._state[("linear1", "train")]
+    update = state.cov.update_rows
+    calls = []
+
+    def flaky(x):
+        calls.append(x.shape[0])
+        if len(calls) in (2, 3):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        update(x)
+
+    monkeypatch.setattr(state.cov, "update_rows", flaky)
+    with torch.no_grad(), caplog.at_level("ERROR", logger="delve"):
+        for _ in range(5):
+            model(torch.randn(16, 10))
+    assert len([r for r in caplog.records if "could not be added" in r.getMessage()]) == 1
+    rows = capture.take("linear1", "train")
+    values = tracker.add_saturations()
+    tracker.close()
+    assert_matches(values, "linear1", "train", [rows[0], rows[3], rows[4]])
