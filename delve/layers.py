@@ -33,10 +33,15 @@ def is_trackable(module: nn.Module, include_conv: bool = True) -> bool:
     return isinstance(module, kinds)
 
 
+# Attributes under which wrappers keep the module they wrap (torch.compile, activation
+# checkpointing, FSDP): not part of the model's own structure, so not of layer names.
+_WRAPPER_ATTRIBUTES = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
 def _trackable_children(container: nn.Module, include_conv: bool):
     for path, module in container.named_modules():
         if path and is_trackable(module, include_conv):
-            yield path.replace(".", "-"), module
+            yield "-".join(part for part in path.split(".") if part not in _WRAPPER_ATTRIBUTES), module
 
 
 def unwrap(modules: Modules) -> Union[nn.Module, List[nn.Module]]:

@@ -476,3 +476,26 @@ def test_a_failing_update_is_logged_once_and_training_goes_on(monkeypatch, caplo
     values = tracker.add_saturations()
     tracker.close()
     assert_matches(values, "linear1", "train", [rows[0], rows[3], rows[4]])
+
+
+def test_wrapper_attributes_are_left_out_of_layer_names():
+    # Activation-checkpointing, FSDP and torch.compile wrappers keep the wrapped module
+    # under an attribute of their own; names follow the model as written, and the
+    # checkpointed layer still counts each row once.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(checkpoint_wrapper(nn.Sequential(nn.Linear(4, 5), nn.ReLU())), nn.Linear(5, 2))
+    model.add_module("head", torch.compile(nn.Sequential(nn.Linear(2, 3)), backend="eager"))
+    tracker = CheckLayerSat("unused", "csv", model, stats=STATS, nosave=True)
+    assert list(tracker.layers) == ["0-0", "1", "head-0"]
+    x = torch.randn(32, 4, requires_grad=True)
+    model(x).sum().backward()
+    assert tracker._state[("0-0", "train")].cov.count == 32
+    inner = model[0]._checkpoint_wrapped_module[0]
+    with torch.no_grad():
+        first = nn.functional.linear(x, inner.weight, inner.bias)
+    values = tracker.add_saturations()
+    tracker.close()
+    # 5 outputs of 4 inputs: a singular covariance, whose determinant is rounding noise.
+    assert_matches(values, "0-0", "train", [first.double().numpy()], stats=["idim", "lsat", "trc", "dtrc"])
