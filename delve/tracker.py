@@ -370,6 +370,7 @@ class CheckLayerSat:
         self._recording = True
         self._closed = False
         self._warned: set = set()  # (reason, layer, ...) already logged once: see _first_time
+        self._called: set = set()  # layers whose hook ran this epoch
         self._bars = None  # the console view of verbose=True, made at the first epoch end
         self._hooks = [
             layer.register_forward_hook(_LayerHook(self, name)) for name, layer in self.layers.items()
@@ -381,6 +382,7 @@ class CheckLayerSat:
         """Feed one forward pass of one layer into its accumulator."""
         if in_backward():  # a checkpoint recomputing activations the forward pass recorded
             return
+        self._called.add(name)
         mode = "train" if module.training else "eval"
         state = self._state.get((name, mode))
         if state is None:
@@ -555,6 +557,16 @@ class CheckLayerSat:
         if self._closed:
             raise RuntimeError("add_saturations() called on a closed tracker")
         values, embeds = self.compute_statistics()
+        if self._recording:
+            for name in self.layers:
+                if name not in self._called and self._first_time("never called", name):
+                    logger.warning(
+                        "layer %s saw no forward pass this epoch, so it reports nothing. A layer used only "
+                        "through its weights (nn.MultiheadAttention.out_proj is one) never runs its hooks; "
+                        "leave it out with ignore_layer_names",
+                        name,
+                    )
+        self._called.clear()
         step = self.epoch
         if self.writer is not None and distributed.is_writer():
             self._safely(self._write_epoch, values, embeds, step, save)

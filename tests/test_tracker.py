@@ -499,3 +499,19 @@ def test_wrapper_attributes_are_left_out_of_layer_names():
     tracker.close()
     # 5 outputs of 4 inputs: a singular covariance, whose determinant is rounding noise.
     assert_matches(values, "0-0", "train", [first.double().numpy()], stats=["idim", "lsat", "trc", "dtrc"])
+
+
+def test_a_layer_whose_hooks_never_run_is_reported_once(caplog):
+    # nn.MultiheadAttention uses out_proj's weights directly: the Linear is found but
+    # never called, and the user should hear so instead of finding empty columns.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    tracker = CheckLayerSat("unused", "csv", layer, stats=["lsat"], nosave=True)
+    with caplog.at_level("WARNING", logger="delve"), torch.no_grad():
+        for _ in range(2):
+            layer(torch.randn(4, 7, 16))
+            values = tracker.add_saturations()
+    tracker.close()
+    silent = [r.getMessage() for r in caplog.records if "saw no forward pass" in r.getMessage()]
+    assert len(silent) == 1 and silent[0].startswith("layer self_attn-out_proj ")
+    assert "train-saturation_linear1" in values and "train-saturation_self_attn-out_proj" not in values
