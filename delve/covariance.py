@@ -24,6 +24,7 @@ How a batch is reduced, and why it is cheap:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Dict, Optional, Tuple, Union
 
@@ -99,6 +100,7 @@ def release_workspace() -> None:
     _local.__dict__.pop("buffers", None)
 
 
+@functools.cache
 def _block_bounds(features: int) -> Tuple[int, ...]:
     """Split the features into the blocks whose lower block triangle the Gram product computes.
 
@@ -203,14 +205,20 @@ _precision_users = 0
 _saved_precision: Optional[Tuple[Tuple[object, str], ...]] = None
 
 
+# The per-backend settings of recent torch releases; older ones have only the process-wide one.
+_PRECISION_BACKENDS = tuple(
+    b for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul) if hasattr(b, "fp32_precision")
+)
+
+
 def _reduced_precision_settings() -> Tuple[Tuple[object, str], ...]:
     """Return ``(backend, value)`` for each matmul precision setting that is not full float32."""
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    if all(hasattr(b, "fp32_precision") for b in backends):
+    if _PRECISION_BACKENDS:
         # A backend left at "none" follows the process-wide default.
         full = ("ieee", "none") if getattr(torch.backends, "fp32_precision", "ieee") in ("ieee", "none") else ("ieee",)
-        return tuple((b, b.fp32_precision) for b in backends if b.fp32_precision not in full)
-    precision = torch.get_float32_matmul_precision()  # torch before the per-backend settings
+        values = [(b, b.fp32_precision) for b in _PRECISION_BACKENDS]
+        return tuple((b, value) for b, value in values if value not in full)
+    precision = torch.get_float32_matmul_precision()
     return () if precision == "highest" else ((torch, precision),)
 
 
@@ -324,7 +332,6 @@ class TorchCovarianceMatrix:
         self._shift: Optional[torch.Tensor] = None
         self._fresh = True  # no row merged since the last reset: a batch picks the shift
         self._since_shift = 0  # batches added since the shift last moved
-        self._bounds: Tuple[int, ...] = ()  # feature blocks of the Gram product
 
     # ------------------------------------------------------------------ state
     # n, mean, scatter and skipped are the public state, derived from n, s, t and S;
@@ -377,7 +384,6 @@ class TorchCovarianceMatrix:
 
     def _allocate(self, dim: int, device: torch.device) -> None:
         self._dim = dim
-        self._bounds = _block_bounds(dim)
         self._n = torch.zeros((), dtype=torch.float64, device=device)
         self._origin = torch.zeros(dim, dtype=torch.float64, device=device)
         self._sum = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -473,15 +479,16 @@ class TorchCovarianceMatrix:
             else:  # the running mean (the shift itself while no row was accepted)
                 target = (self._origin + self._sum / self._n.clamp_min(1.0)).to(work)
             self._move_shift(target)
+        bounds = _block_bounds(self._dim)
         with _full_precision_products():
-            gram, sums = _centred_gram(x, self._shift, work, self._bounds)
+            gram, sums = _centred_gram(x, self._shift, work, bounds)
         rows = x.numel() // x.shape[-1]
         # A non-finite value anywhere makes its column's diagonal entry, hence the trace,
         # non-finite. The batch is then dropped on the device: no host round trip.
         ok = torch.isfinite(gram.trace())
         bad = ~ok
         if self._dim >= _BLOCKWISE_FEATURES:
-            for start, stop in zip(self._bounds[:-1], self._bounds[1:]):
+            for start, stop in zip(bounds[:-1], bounds[1:]):
                 self._gram[start:stop, :stop].add_(gram[start:stop, :stop].masked_fill_(bad, 0.0))
         else:
             self._gram.add_(gram.masked_fill_(bad, 0.0))
@@ -570,7 +577,6 @@ class TorchCovarianceMatrix:
         """Replace the state by a count, mean, scatter matrix and skipped count (not copied)."""
         with self._lock:
             self._dim = int(mean.shape[0])
-            self._bounds = _block_bounds(self._dim)
             self._n, self._skipped = n, skipped
             # Moments about the mean itself: t = 0 and S is the scatter.
             self._origin, self._sum, self._gram = mean, torch.zeros_like(mean), scatter

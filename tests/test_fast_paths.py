@@ -389,11 +389,8 @@ def test_products_run_at_full_precision_and_the_setting_is_put_back(user_precisi
 def test_precision_before_the_per_backend_settings(user_precision, monkeypatch):
     # torch releases before the per-backend fp32_precision attributes have only the
     # process-wide float32_matmul_precision.
-    from types import SimpleNamespace
-
     user_precision("high")
-    monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace())
-    monkeypatch.setattr(torch.backends.mkldnn, "matmul", SimpleNamespace())
+    monkeypatch.setattr(covariance, "_PRECISION_BACKENDS", ())
     during = []
     products = covariance._centred_gram
 
