@@ -122,6 +122,8 @@ class EpochTracking:
         self.modules = modules
         self.tracker_kwargs = dict(tracker_kwargs)
         self.tracker: Optional[CheckLayerSat] = None
+        #: ``epoch -> values`` of every epoch closed.
+        self.history: Dict[int, Dict[str, Any]] = {}
         self._open = False
         self._awaiting_evaluation = False
 
@@ -188,6 +190,7 @@ class EpochTracking:
         epoch = self.tracker.epoch
         values = self.tracker.add_saturations()
         self.tracker.stop()
+        self.history[epoch] = dict(values)
         return epoch, values
 
     def finish(self) -> Optional[Closed]:

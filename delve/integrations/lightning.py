@@ -87,8 +87,11 @@ class SaturationCallback(Callback):
         self._tracking = EpochTracking(savefile, save_to, modules, tracker_kwargs)
         self.log_to_loggers = bool(log_to_loggers)
         self._validated = False
-        #: ``epoch -> values`` of every epoch written in this run.
-        self.history: Dict[int, Dict[str, Any]] = {}
+
+    @property
+    def history(self) -> Dict[int, Dict[str, Any]]:
+        """``epoch -> values`` of every epoch written in this run."""
+        return self._tracking.history
 
     @property
     def tracker(self) -> Optional[CheckLayerSat]:
@@ -134,7 +137,6 @@ class SaturationCallback(Callback):
         if closed is None:
             return
         epoch, values = closed
-        self.history[epoch] = dict(values)
         if not self.log_to_loggers or not trainer.loggers:
             return
         metrics = scalar_values(values)

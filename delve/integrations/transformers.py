@@ -81,8 +81,11 @@ class SaturationCallback(TrainerCallback):
     ):
         self._tracking = EpochTracking(savefile, save_to, modules, tracker_kwargs)
         self.log_to_history = bool(log_to_history)
-        #: ``epoch -> values`` of every epoch written in this run.
-        self.history: Dict[int, Dict[str, Any]] = {}
+
+    @property
+    def history(self) -> Dict[int, Dict[str, Any]]:
+        """``epoch -> values`` of every epoch written in this run."""
+        return self._tracking.history
 
     @property
     def tracker(self) -> Optional[CheckLayerSat]:
@@ -125,7 +128,6 @@ class SaturationCallback(TrainerCallback):
         if closed is None:
             return
         epoch, values = closed
-        self.history[epoch] = dict(values)
         if self.log_to_history:
             entry = scalar_values(values)
             entry.update(epoch=state.epoch, step=state.global_step)
