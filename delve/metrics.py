@@ -17,7 +17,6 @@ __all__ = [
     "STATMAP",
     "SCALAR_STATS",
     "layer_statistics",
-    "descending_eigenvalues",
     "idim_of_eigenvalues",
     "compute_intrinsic_dimensionality",
     "compute_saturation",
@@ -57,16 +56,11 @@ def _as_float64(cov: Matrix) -> torch.Tensor:
     return cov.to(torch.float64)
 
 
-def descending_eigenvalues(cov: Matrix) -> torch.Tensor:
-    """Return the eigenvalues of a symmetric matrix, largest first, negatives clamped to 0."""
-    return torch.linalg.eigvalsh(_as_float64(cov)).flip(0).clamp_min(0.0)
-
-
 def idim_of_eigenvalues(eig: Union[np.ndarray, torch.Tensor], thresh: float) -> int:
     """Return the smallest k whose k leading eigenvalues explain ``thresh`` of their sum.
 
-    ``eig`` must be sorted descending with negatives clamped to 0, as
-    :func:`descending_eigenvalues` returns them; an all-zero spectrum gives 0.
+    ``eig`` must be sorted descending with negatives clamped to 0 (as
+    :func:`layer_statistics` and the PCA layers hold them); an all-zero spectrum gives 0.
     """
     eig = _host(eig)
     total = eig.sum()

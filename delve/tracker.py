@@ -332,7 +332,6 @@ class CheckLayerSat:
         self.conv_method = conv_method
         self.timeseries_method = timeseries_method
         self.threshold = float(sat_threshold)
-        self.nosave = nosave
         self.verbose = verbose
         self.initial_epoch = int(initial_epoch)
         self.epoch = int(initial_epoch)
@@ -366,7 +365,6 @@ class CheckLayerSat:
             if self.stats[mode]
         }
         self._user_scalars: OrderedDict[str, Any] = OrderedDict()
-        self._user_groups: List[Tuple[str, Dict[str, Any]]] = []
         self._recording = True
         self._closed = False
         self._warned: set = set()  # (reason, layer, ...) already logged once: see _first_time
