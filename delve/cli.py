@@ -288,13 +288,14 @@ def _recompute(args: argparse.Namespace) -> int:
         if folder and not os.path.isdir(folder):
             raise CommandError(f"output folder {folder} does not exist")
     from delve.tools import reconstruct_csv_from_npy_data
+    from delve.writers.csv_writer import write_table
 
     try:
         table = reconstruct_csv_from_npy_data(args.npydir, savefile=savefile, thresh=args.thresh, stats=args.stats)
     except FileNotFoundError as err:
         raise CommandError(_one_line(err)) from None
     if savefile is None:
-        table.to_csv(sys.stdout, sep=";")
+        write_table(table, sys.stdout)
     else:
         print(f"wrote {savefile}.csv ({len(table.index)} epoch(s), {len(table.columns)} column(s))")
     return 0

@@ -34,6 +34,7 @@ import pandas as pd
 from delve._files import atomic_path
 from delve.metrics import SCALAR_STATS, STATMAP
 from delve.writers.base import parse_key
+from delve.writers.csv_writer import read_table
 
 if TYPE_CHECKING:  # matplotlib is imported on first use: plain tracking never pays for it
     from matplotlib.axes import Axes
@@ -97,11 +98,6 @@ def check_plot_options(fontsize=DEFAULT_FONTSIZE, figsize=DEFAULT_FIGSIZE, prima
             f"got {type(plot_manipulation_func).__name__}"
         )
     return float(fontsize), (float(width), float(height))
-
-
-def read_table(csv_path: str) -> pd.DataFrame:
-    """Read a CSV file written by :class:`~delve.writers.CSVWriter` (separator ``;``, epoch index)."""
-    return pd.read_csv(csv_path, sep=";", index_col=0)
 
 
 def stat_groups(columns: Iterable[str]) -> OrderedDict[Tuple[str, str], List[Tuple[str, str]]]:

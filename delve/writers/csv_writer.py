@@ -27,6 +27,16 @@ def column_order(columns: List[str]) -> List[str]:
     return [key for _, key in sorted(enumerate(columns), key=rank)]
 
 
+def read_table(csv_path: str) -> pd.DataFrame:
+    """Read a CSV file written by :class:`CSVWriter` (separator ``;``, epoch index)."""
+    return pd.read_csv(csv_path, sep=";", index_col=0)
+
+
+def write_table(table: pd.DataFrame, target) -> None:
+    """Write a table in the format :func:`read_table` reads, to a path or an open text stream."""
+    table.to_csv(target, sep=";")
+
+
 class CSVWriter(AbstractWriter):
     """Write ``{savepath}.csv`` (separator ``;``), rewritten atomically on every save.
 
@@ -71,13 +81,13 @@ class CSVWriter(AbstractWriter):
 
     def save(self):
         with atomic_path(self.path) as tmp:
-            self.table().to_csv(tmp, sep=";")
+            write_table(self.table(), tmp)
 
     def resume_from_saved_state(self, initial_epoch: int):
         if not os.path.exists(self.path):
             logger.warning("no CSV to resume at %s; starting a new one", self.path)
             return
-        frame = pd.read_csv(self.path, sep=";", index_col=0)
+        frame = read_table(self.path)
         frame = frame[frame.index < initial_epoch]
         self._columns = list(frame.columns)
         self._rows = {
