@@ -144,11 +144,6 @@ class EpochTracking:
         logger.info("tracking %d layer(s), writing to %s", len(self.tracker.layers), savefile)
         return self.tracker
 
-    @property
-    def is_open(self) -> bool:
-        """Whether an epoch is being recorded."""
-        return self._open
-
     def open_epoch(self) -> Optional[Closed]:
         """Start recording a new epoch; returns what closing an epoch left open gave."""
         if self.tracker is None:
