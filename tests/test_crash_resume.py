@@ -18,6 +18,7 @@ from torch import nn
 
 import delve
 from delve import CheckLayerSat
+from tests.reference import OutputCapture, np_stats
 
 EPOCHS = 5
 KILLED_IN = 3  # epochs 0..2 complete, epoch 3 interrupted
@@ -68,22 +69,17 @@ SCRIPT = textwrap.dedent(
 def _reference(epoch: int) -> dict:
     """numpy float64 statistics of one epoch, from outputs this test captures itself."""
     model = make_model()
-    outputs = {"0": [], "2": []}
-    for name in outputs:
-        model[int(name)].register_forward_hook(
-            lambda m, i, o, name=name: outputs[name].append(o.detach().double().numpy())
-        )
+    capture = OutputCapture({"0": model[0], "2": model[2]})
     with torch.no_grad():
         for step in range(STEPS):
             model(batch(epoch, step))
+    capture.remove()
     expected = {}
-    for name, parts in outputs.items():
-        cov = np.cov(np.concatenate(parts), rowvar=False, bias=True)
-        eig = np.clip(np.sort(np.linalg.eigvalsh(cov))[::-1], 0, None)
-        idim = min(np.sum(np.cumsum(eig) / eig.sum() < 0.99) + 1, len(eig))
-        expected[f"train-intrinsic-dimensionality_{name}"] = idim
-        expected[f"train-covariance-trace_{name}"] = np.trace(cov)
-        expected[f"train-diagonal-trace_{name}"] = eig.sum()
+    for name in ("0", "2"):
+        ref = np_stats(np.concatenate(capture.take(name, "train")))
+        expected[f"train-intrinsic-dimensionality_{name}"] = ref["idim"]
+        expected[f"train-covariance-trace_{name}"] = ref["trc"]
+        expected[f"train-diagonal-trace_{name}"] = ref["dtrc"]
     return expected
 
 
@@ -98,7 +94,8 @@ def _run_until_killed(tmp_path) -> str:
     script.write_text(SCRIPT)
     progress = tmp_path / "progress.txt"
     savefile = str(tmp_path / "run" / "stats")
-    paths = [os.path.dirname(os.path.dirname(delve.__file__)), os.path.dirname(__file__)]
+    here = os.path.dirname(os.path.abspath(__file__))  # the script imports this module, which imports tests.reference
+    paths = [os.path.dirname(os.path.dirname(delve.__file__)), here, os.path.dirname(here)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     proc = subprocess.Popen(
         [sys.executable, str(script), savefile, str(progress), str(KILLED_IN), str(EPOCHS), str(STEPS)],

@@ -48,6 +48,10 @@ def test_csv_layout_and_values(tmp_path):
         assert table.loc[epoch, "train-intrinsic-dimensionality_0"] == train_ref["idim"]
         assert table.loc[epoch, "train-saturation_0"] == pytest.approx(train_ref["lsat"])
         assert table.loc[epoch, "eval-saturation_0"] == pytest.approx(eval_ref["lsat"])
+        assert table.loc[epoch, "eval-intrinsic-dimensionality_0"] == eval_ref["idim"]
+        # one tracked layer saw data: the average is its saturation
+        assert table.loc[epoch, "average-train-sat"] == pytest.approx(train_ref["lsat"])
+        assert table.loc[epoch, "average-eval-sat"] == pytest.approx(eval_ref["lsat"])
     assert table.filter(like="covariance-matrix").empty  # arrays are not CSV columns
     assert ((table.filter(like="saturation") >= 0) & (table.filter(like="saturation") <= 1)).all().all()
 
@@ -82,36 +86,44 @@ def test_resume_keeps_rows_below_initial_epoch(tmp_path):
 
 
 def test_print_writer_one_line_per_value(capsys):
-    layer = nn.Linear(3, 2)
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
     tracker = CheckLayerSat("unused", "print", layer, stats=["lsat", "idim"])
-    layer(torch.randn(8, 3))
+    out = layer(torch.randn(8, 4) * torch.tensor([3.0, 1.0, 0.05, 0.01])).detach().double().numpy()
+    ref = np_stats(out)
     tracker.add_scalar("loss", 0.5)
     tracker.add_saturations()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "[epoch 0] loss: 0.5"
-    assert lines[1].startswith("[epoch 0] train-saturation_Module-0-Linear: ")
-    assert lines[2].startswith("[epoch 0] train-intrinsic-dimensionality_Module-0-Linear: ")
     assert len(lines) == 3
+    assert lines[0] == "[epoch 0] loss: 0.5"
+    name, value = lines[1].rsplit(": ", 1)
+    assert name == "[epoch 0] train-saturation_Module-0-Linear" and float(value) == pytest.approx(ref["lsat"])
+    name, value = lines[2].rsplit(": ", 1)
+    assert name == "[epoch 0] train-intrinsic-dimensionality_Module-0-Linear" and float(value) == ref["idim"]
     assert not any(line.startswith("[epoch 0] _") for line in lines)
 
 
 def test_writer_failure_does_not_stop_training(tmp_path, caplog, monkeypatch):
     layer = nn.Linear(3, 2)
-    tracker = CheckLayerSat(str(tmp_path / "run"), "csv", layer)
+    tracker = CheckLayerSat(str(tmp_path / "run"), "csv", layer, stats=["lsat", "trc"])
 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(tracker.writer, "save", disk_full)
-    layer(torch.randn(5, 3))
+    outputs = [layer(torch.randn(5, 3)).detach().double().numpy()]
     with caplog.at_level("ERROR", logger="delve"):
         values = tracker.add_saturations()
     assert "training goes on" in caplog.text
     assert "train-saturation_Module-0-Linear" in values
     monkeypatch.undo()
-    layer(torch.randn(5, 3))
+    outputs.append(layer(torch.randn(5, 3) * 10).detach().double().numpy())
     tracker.add_saturations()  # the next epoch writes both rows
-    assert list(read(str(tmp_path / "run.csv")).index) == [0, 1]
+    table = read(str(tmp_path / "run.csv"))
+    assert list(table.index) == [0, 1]
+    for epoch, out in enumerate(outputs):  # each row holds its own epoch's values
+        trc = np_stats(out)["trc"]
+        assert table.at[epoch, "train-covariance-trace_Module-0-Linear"] == pytest.approx(trc, rel=1e-6)
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):

@@ -37,11 +37,22 @@ def test_public_import_paths():
 
 
 def test_reconstruct_reproduces_the_csv_writers_file(run, tmp_path):
-    savefile, _ = run
+    savefile, rows = run
     original = read_csv(savefile + ".csv")
     table = reconstruct_csv_from_npy_data(savefile)
     pd.testing.assert_frame_equal(table, original, check_index_type=False)
     assert np.isnan(table.at[1, "late"]) and table.at[2, "late"] == 7.0
+    # and the values are those of the rows each layer produced, not just the CSV writer's
+    for epoch in range(3):
+        for mode in MODES:
+            lsats = []
+            for layer in LAYERS:
+                ref = np_stats(rows[epoch][(layer, mode)])
+                assert table.at[epoch, f"{mode}-saturation_{layer}"] == pytest.approx(ref["lsat"])
+                assert table.at[epoch, f"{mode}-intrinsic-dimensionality_{layer}"] == ref["idim"]
+                assert table.at[epoch, f"{mode}-covariance-trace_{layer}"] == pytest.approx(ref["trc"], rel=1e-6)
+                lsats.append(ref["lsat"])
+            assert table.at[epoch, f"average-{mode}-sat"] == pytest.approx(np.mean(lsats))
 
     out = str(tmp_path / "again")
     reconstruct_csv_from_npy_data(savefile, savefile=out)

@@ -9,7 +9,6 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from delve import CheckLayerSat, reconstruct_csv_from_npy_data
-from delve.plotting import read_table
 from delve.writers.npy_writer import STATE_FILE
 from tests.reference import np_cov, np_stats, rel_err
 from tests.writer_runs import LAYERS, loss_value, make_model, run_epochs
@@ -21,6 +20,11 @@ def tb_series(logdir):
     events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def read_table(path):
+    """The CSV file as SPEC §6 lays it out, read with pandas alone (separator ``;``, epoch index)."""
+    return pd.read_csv(path, sep=";", index_col=0)
 
 
 def npy_state(savefile):

@@ -47,12 +47,19 @@ def test_the_custom_writer_gets_every_epoch_value(example, tmp_path):
                 assert f"{mode}-covariance-matrix_{layer}" not in record  # arrays are skipped
 
     resumed = CheckLayerSat(savefile, example.JSONLinesWriter(savefile), model, initial_epoch=1)
-    run_epochs(resumed, model, epochs=2, seed=3, first_epoch=1, train_batches=1)
+    first = records[0]
+    rows = run_epochs(resumed, model, epochs=2, seed=3, first_epoch=1, train_batches=1)
     resumed.close()
     records = read_lines(savefile + ".jsonl")
     assert [r["epoch"] for r in records] == [0, 1, 2]
-    assert records[0]["loss"] == pytest.approx(loss_value(0, 0))
-    assert records[1]["loss"] == pytest.approx(loss_value(3, 1))
+    assert records[0] == first  # the line below initial_epoch is kept as it was
+    for record in records[1:]:  # the resumed epochs hold the new run's values
+        epoch = record["epoch"]
+        assert record["loss"] == pytest.approx(loss_value(3, epoch))
+        for layer in LAYERS:
+            for mode in MODES:
+                ref = np_stats(rows[epoch][(layer, mode)])
+                assert record[f"{mode}-saturation_{layer}"] == pytest.approx(ref["lsat"])
 
 
 def test_the_example_runs(example, tmp_path):

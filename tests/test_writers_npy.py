@@ -15,7 +15,7 @@ from delve import CheckLayerSat, reconstruct_csv_from_npy_data
 from delve.writers import NPYWriter
 from delve.writers.npy_writer import STATE_FILE, folder_name
 from tests.reference import np_cov, np_stats, rel_err
-from tests.writer_runs import LAYERS, MODES, loss_value, make_model, run_epochs
+from tests.writer_runs import LAYERS, MODES, aligned, loss_value, make_model, np_embedding, run_epochs
 
 
 def load(path):
@@ -24,12 +24,6 @@ def load(path):
 
 def npy(savefile, key, epoch):
     return os.path.join(savefile, key, f"{key}_epoch{epoch}.npy")
-
-
-def aligned(embedding, reference):
-    """Flip the signs of the embedding's columns onto the reference (eigenvectors have no sign)."""
-    signs = np.sign(np.sum(embedding * reference, axis=0))
-    return embedding * signs
 
 
 def test_npy_files_hold_the_reference_covariance_spectrum_embedding_and_scalars(tmp_path):
@@ -55,8 +49,7 @@ def test_npy_files_hold_the_reference_covariance_spectrum_embedding_and_scalars(
                 top = np.concatenate([ref["eig"], np.zeros(4)])[:4]
                 np.testing.assert_allclose(spectrum, top, rtol=1e-6, atol=1e-9 * ref["eig"][0])
                 embedding = load(npy(savefile, f"{mode}-embedded-sample_{layer}", epoch))
-                vectors = np.linalg.eigh(np_cov(data))[1][:, ::-1][:, :2]
-                expected = (data - data.mean(0)) @ vectors
+                expected = np_embedding(data)
                 assert embedding.shape == (len(data), 2)
                 np.testing.assert_allclose(aligned(embedding, expected), expected, atol=1e-5)
 

@@ -2,6 +2,7 @@
 
 import gc
 import os
+import re
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -12,7 +13,7 @@ from delve import CheckLayerSat
 from delve.plotting import epoch_figure, history_figure, plot_table, read_table
 from delve.writers import WRITERS, CSVandPlottingWriter
 from tests.reference import np_stats
-from tests.writer_runs import LAYERS, MODES, loss_value, make_model, run_epochs
+from tests.writer_runs import LAYERS, MODES, aligned, loss_value, make_model, np_embedding, run_epochs
 
 FIGSIZE = (6, 4)  # inches at 100 dpi -> 400 x 600 pixels
 
@@ -21,6 +22,26 @@ def assert_real_png(path, shape=(400, 600)):
     image = mpimg.imread(path)
     assert image.shape[:2] == shape and image.shape[2] in (3, 4)
     assert image[..., :3].std() > 0.01  # something is drawn
+
+
+def drawn(ax):
+    """What one axes shows: labels, the epoch and mode of its title, bar heights, image, points, lines.
+
+    A spectrum or embed panel is titled by its layer alone: epoch and mode are then None.
+    """
+    found = re.search(r"\((train|eval)\)", ax.get_title())
+    epoch = re.search(r"epoch (\d+)", ax.get_title())
+    return {
+        "xlabel": ax.get_xlabel(),
+        "title": ax.get_title(),
+        "mode": found.group(1) if found else None,
+        "epoch": int(epoch.group(1)) if epoch else None,
+        "ticks": [t.get_text() for t in ax.get_xticklabels()],
+        "bars": [bar.get_height() for container in ax.containers for bar in container],
+        "lines": [line.get_ydata()[0] for line in ax.get_lines()],
+        "image": np.ma.getdata(ax.get_images()[0].get_array()).copy() if ax.get_images() else None,
+        "points": np.array(ax.collections[0].get_offsets(), dtype=np.float64) if ax.collections else None,
+    }
 
 
 @pytest.mark.parametrize("key", ["plot", "csvplot", "plotcsv", "csvplotting"])
@@ -34,7 +55,10 @@ def test_plot_writer_writes_csv_epoch_bars_history_spectrum_and_embed(tmp_path):
     calls = []
 
     def manipulate(ax):
-        calls.append(ax)
+        seen = drawn(ax)  # read now: the writer clears every figure once it is saved
+        if seen["epoch"] is None:  # a panel: drawn in the same save as the epoch's bars and history
+            seen["epoch"] = calls[-1]["epoch"]
+        calls.append(seen)
         return ax
 
     tracker = CheckLayerSat(
@@ -57,11 +81,42 @@ def test_plot_writer_writes_csv_epoch_bars_history_spectrum_and_embed(tmp_path):
     assert len(calls) == 2 * 2 * 2 + 2 * 2 * len(LAYERS)
 
     table = read_table(savefile + ".csv")
+    refs = {(e, layer, mode): np_stats(rows[e][(layer, mode)]) for e in range(2) for layer in LAYERS for mode in MODES}
     for epoch in range(2):
         for layer in LAYERS:
             for mode in MODES:
-                ref = np_stats(rows[epoch][(layer, mode)])
-                assert table.at[epoch, f"{mode}-saturation_{layer}"] == pytest.approx(ref["lsat"])
+                assert table.at[epoch, f"{mode}-saturation_{layer}"] == pytest.approx(refs[epoch, layer, mode]["lsat"])
+
+    # What the pictures show is the numpy reference of the rows each layer produced.
+    bars = [c for c in calls if c["xlabel"] == "layer"]
+    assert sorted((c["mode"], c["epoch"]) for c in bars) == sorted((m, e) for m in MODES for e in range(2))
+    for chart in bars:
+        epoch, mode = chart["epoch"], chart["mode"]
+        assert chart["ticks"] == LAYERS
+        expected = [refs[epoch, layer, mode]["lsat"] for layer in LAYERS]
+        np.testing.assert_allclose(chart["bars"], expected)
+        np.testing.assert_allclose(chart["lines"], [np.mean(expected)])  # the average_sat line
+        assert f"loss: {loss_value(0, epoch):.4g}" in chart["title"]
+    for mode in MODES:  # the history is redrawn at every save with the epochs so far
+        heatmaps = [c["image"] for c in calls if c["xlabel"] == "epoch" and c["mode"] == mode]
+        expected = np.array([[refs[e, layer, mode]["lsat"] for e in range(2)] for layer in LAYERS])
+        assert len(heatmaps) == 2
+        for seen, image in enumerate(heatmaps, start=1):
+            np.testing.assert_allclose(image, expected[:, :seen])
+    panels = [(e, layer) for e in range(2) for layer in sorted(LAYERS)]  # one per layer and epoch
+    spectra = [c for c in calls if c["xlabel"] == "rank"]
+    assert sorted((c["epoch"], c["title"]) for c in spectra) == panels
+    for panel in spectra:  # spectrum_train only: the rows compared are the train rows
+        eig = refs[panel["epoch"], panel["title"], "train"]["eig"]
+        assert len(panel["bars"]) == 5  # spectrum_k defaults to 5; a 3-wide layer is padded with zeros
+        top = np.concatenate([eig, np.zeros(5)])[:5]
+        np.testing.assert_allclose(panel["bars"], top, rtol=1e-6, atol=1e-9 * eig[0])
+    scatters = [c for c in calls if c["xlabel"] == "1st eigendirection"]
+    assert sorted((c["epoch"], c["title"]) for c in scatters) == panels
+    for panel in scatters:  # embed_eval only: the rows compared are the eval rows
+        expected = np_embedding(rows[panel["epoch"]][(panel["title"], "eval")])
+        assert panel["points"].shape == expected.shape
+        np.testing.assert_allclose(aligned(panel["points"], expected), expected, atol=1e-5)
 
 
 def test_epoch_figure_draws_the_table_values_in_tracking_order(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tests.reference import OutputCapture
+from tests.reference import OutputCapture, np_cov
 
 # Input scales spread the spectrum, so saturation depends visibly on the threshold.
 SCALES = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.2, 0.1])
@@ -51,3 +51,17 @@ def run_epochs(tracker, model, epochs, seed=0, first_epoch=0, train_batches=3, b
     finally:
         capture.remove()
     return rows
+
+
+def np_embedding(rows) -> np.ndarray:
+    """SPEC §5 ``embed`` in numpy: the rows, centred, projected on the top-2 eigenvectors of their covariance."""
+    rows = np.asarray(rows, dtype=np.float64)
+    vectors = np.linalg.eigh(np_cov(rows))[1][:, ::-1][:, :2]
+    return (rows - rows.mean(0)) @ vectors
+
+
+def aligned(embedding, reference) -> np.ndarray:
+    """Flip the signs of the embedding's columns onto the reference (eigenvectors have no sign)."""
+    embedding = np.asarray(embedding, dtype=np.float64)
+    signs = np.sign(np.sum(embedding * reference, axis=0))
+    return embedding * signs
