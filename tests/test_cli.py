@@ -19,7 +19,7 @@ from torch import nn
 
 from delve import CheckLayerSat
 from delve.cli import main, summarize
-from tests.reference import OutputCapture, np_cov, np_stats
+from tests.reference import OutputCapture, conv_rows, np_cov, np_stats
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ class Widths(nn.Module):
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
-    """A 3-epoch CSV run and, per (layer, mode), the rows of the epoch the summary must show."""
+    """A 3-epoch CSV run, the rows of the epoch the summary must show per (layer, mode), all rows per epoch."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("run")
     model = Widths()
@@ -94,7 +94,7 @@ def tracked_run(tmp_path_factory):
     )
     capture = OutputCapture(dict(tracker.layers))
     gen = torch.Generator().manual_seed(1)
-    last_rows = {}
+    last_rows, epoch_rows = {}, {}
     for epoch in range(3):
         model.train()
         for _ in range(3):
@@ -107,15 +107,16 @@ def tracked_run(tmp_path_factory):
                 outputs = capture.take(name, mode)
                 if outputs:
                     last_rows[(name, mode)] = (epoch, np.concatenate(outputs))
+                    epoch_rows[(epoch, name, mode)] = last_rows[(name, mode)][1]
         tracker.add_scalar("test-loss", 1.0 / (epoch + 1))
         tracker.add_saturations()
     tracker.close()
     capture.remove()
-    return folder / "run.csv", last_rows
+    return folder / "run.csv", last_rows, epoch_rows
 
 
 def test_summary_csv_matches_numpy(tracked_run):
-    path, last_rows = tracked_run
+    path, last_rows, _ = tracked_run
     done = delve("summary", path, "--format", "csv", check_rc=0)
     table = pd.read_csv(io.StringIO(done.stdout), sep=";", keep_default_na=False, na_values=[""])
     assert list(table.columns) == ["layer", "mode", "epoch", "lsat", "idim", "trc", "erank", "flag"]
@@ -143,7 +144,7 @@ def test_summary_csv_matches_numpy(tracked_run):
 
 
 def test_summary_text_and_thresholds(tracked_run, capsys):
-    path, last_rows = tracked_run
+    path, last_rows, _ = tracked_run
     assert main(["summary", str(path), "--low", "0.02", "--high", "0.95", "--mode", "train"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{path}: 3 epoch(s), 3 layer(s)"
@@ -160,13 +161,29 @@ def test_summary_text_and_thresholds(tracked_run, capsys):
 
 
 def test_summarize_at_a_given_epoch(tracked_run):
-    path, _ = tracked_run
+    # lsat and idim of low / mid / full are the same every epoch (their ranks are fixed):
+    # trc and erank, which move, show that the values come from the epoch asked for.
+    path, _, epoch_rows = tracked_run
     table = pd.read_csv(path, sep=";", index_col=0)
-    summary = summarize(table, epoch=0)
-    assert set(summary["epoch"]) == {0}
-    row = summary[(summary["layer"] == "mid") & (summary["mode"] == "train")].iloc[0]
-    assert row["lsat"] == table.loc[0, "train-saturation_mid"]
-    assert row["idim"] == table.loc[0, "train-intrinsic-dimensionality_mid"]
+    for epoch in (0, 1):
+        summary = summarize(table, epoch=epoch)
+        assert set(summary["epoch"]) == {epoch}
+        # Every layer and mode of the file is listed, also aux/eval at epoch 1, when it did not run.
+        assert len(summary) == 7
+        for row in summary.itertuples():
+            rows = epoch_rows.get((epoch, row.layer, row.mode))
+            if rows is None:
+                assert (row.layer, row.mode, epoch) == ("aux", "eval", 1)
+                assert pd.isna(row.lsat) and pd.isna(row.idim) and pd.isna(row.trc) and pd.isna(row.erank)
+                continue
+            ref = np_stats(rows)
+            assert row.idim == ref["idim"]
+            assert row.lsat == pytest.approx(ref["lsat"])
+            assert row.trc == pytest.approx(ref["trc"], rel=1e-6)
+            assert row.erank == pytest.approx(np_erank(ref["cov"]), rel=1e-5)
+        trc = summary.set_index(["layer", "mode"]).loc[("full", "train"), "trc"]
+        other = np_stats(epoch_rows[(2, "full", "train")])["trc"]
+        assert abs(trc - other) > 1e-3 * other, "the epochs must differ for this test to mean something"
 
 
 # ------------------------------------------------------------------------------ demo
@@ -187,6 +204,62 @@ def test_demo_writes_a_run_the_summary_reads(tmp_path):
         layers = [f"{mode}-saturation_{layer}" for layer in widths]
         np.testing.assert_allclose(table[f"average-{mode}-sat"], table[layers].mean(axis=1))
     assert ((table["test-accuracy"] >= 0) & (table["test-accuracy"] <= 1)).all()
+
+
+def test_demo_values_match_numpy(tmp_path, monkeypatch, capsys):
+    """The demo's CSV against our own hooks on its model and the data it drew, in this process."""
+    import delve.demo
+
+    epochs, draws = [], []  # per epoch: (layer, mode) -> raw outputs; every (images, labels) drawn
+
+    class Recording(CheckLayerSat):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.capture = OutputCapture(dict(self.layers))
+
+        def add_saturations(self, save=True):
+            epochs.append(dict(self.capture.outputs))
+            self.capture.clear()
+            return super().add_saturations(save)
+
+    def recorded_images(*args, **kwargs):
+        draws.append(real_images(*args, **kwargs))
+        return draws[-1]
+
+    real_images = delve.demo.synthetic_images
+    monkeypatch.setattr(delve.demo, "CheckLayerSat", Recording)
+    monkeypatch.setattr(delve.demo, "synthetic_images", recorded_images)
+    savefile = tmp_path / "demo"
+    batches = 2
+    assert main(["demo", str(savefile), "--epochs", "2", "--batches", str(batches), "--save-to", "csv"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {savefile}.csv"
+    table = pd.read_csv(f"{savefile}.csv", sep=";", index_col=0)
+    assert list(table.index) == [0, 1] and len(epochs) == 2
+    assert len(draws) == 1 + 2 * batches  # the test set, then the training batches
+    test_labels = draws[0][1].numpy()
+    widths = {"features-0": 8, "features-3": 16, "classifier-1": 32, "classifier-3": 4}
+    for epoch, outputs in enumerate(epochs):
+        for mode in ("train", "eval"):
+            saturations = []
+            for layer, width in widths.items():
+                raws = outputs[(layer, mode)]
+                rows = np.concatenate([conv_rows(raw, "channelwise") if raw.ndim == 4 else raw for raw in raws])
+                assert rows.shape[1] == width
+                ref = np_stats(rows)
+                ratios = np.cumsum(ref["eig"]) / ref["eig"].sum()
+                assert np.min(np.abs(ratios - 0.99)) > 1e-6  # not on the edge of a step
+                assert table.loc[epoch, f"{mode}-intrinsic-dimensionality_{layer}"] == ref["idim"]
+                assert table.loc[epoch, f"{mode}-saturation_{layer}"] == pytest.approx(ref["lsat"], rel=1e-12)
+                saturations.append(ref["lsat"])
+            assert table.loc[epoch, f"average-{mode}-sat"] == pytest.approx(np.mean(saturations), rel=1e-12)
+        # The user scalars: accuracy of the eval logits on the test labels, loss of the last batch.
+        (logits,) = outputs[("classifier-3", "eval")]
+        assert table.loc[epoch, "test-accuracy"] == pytest.approx(np.mean(logits.argmax(1) == test_labels))
+        logits, labels = outputs[("classifier-3", "train")][-1], draws[(epoch + 1) * batches][1].numpy()
+        shifted = logits - logits.max(1, keepdims=True)
+        loss = np.mean(np.log(np.exp(shifted).sum(1)) - shifted[np.arange(len(labels)), labels])
+        assert table.loc[epoch, "train-loss"] == pytest.approx(loss, rel=1e-5)
+    assert 0 < table.loc[1, "test-accuracy"] < 1
 
 
 # -------------------------------------------------------------------------- errors
@@ -326,7 +399,7 @@ def decode_heatmap(path, n_rows, n_cols, vmin=0.0, vmax=1.0):
 
 
 def test_plot_draws_epochs_and_decodable_heatmaps(tracked_run, tmp_path):
-    path, _ = tracked_run
+    path, _, _ = tracked_run
     prefix = tmp_path / "pictures" / "run"
     prefix.parent.mkdir()
     done = delve("plot", path, "-o", prefix, "--epochs", "0", "2", check_rc=0)
@@ -355,10 +428,13 @@ def test_plot_last_epoch_only_and_bad_output_folder(tmp_path, capsys):
             model(torch.randn(10, 3))
             tracker.add_saturations()
     assert main(["plot", f"{savefile}.csv", "--last"]) == 0
-    assert capsys.readouterr().out.split() == [
+    written = capsys.readouterr().out.split()
+    assert written == [
         f"{savefile}_lsat_train_epoch_2.png",
         f"{savefile}_lsat_train_history.png",
     ]
+    assert all(os.path.getsize(p) > 0 for p in written)
+    assert not any(os.path.exists(f"{savefile}_lsat_train_epoch_{e}.png") for e in (0, 1))
     assert main(["plot", f"{savefile}.csv", "--epochs", "0", "7"]) == 1
     assert "epochs [7] are not in" in capsys.readouterr().err
     assert main(["plot", f"{savefile}.csv", "-o", str(tmp_path / "nowhere" / "x")]) == 1

@@ -1,71 +1,107 @@
-"""The example scripts the documentation shows run, and write the table they promise."""
+"""The example scripts the documentation shows run, and write the table they promise.
+
+Each script runs as ``python examples/SCRIPT ARGS`` would, in this process, with hooks of
+our own on the layers its tracker follows; the table it writes is compared with float64
+numpy statistics of the outputs those hooks recorded.
+"""
 
 import os
 import re
-import subprocess
+import runpy
 import sys
 
 import numpy as np
 import pandas as pd
+import pytest
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+import delve
+from tests.reference import OutputCapture, conv_rows, np_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 
 
-def run_example(script, *args):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", script), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+def run_example(monkeypatch, capsys, script, *args):
+    """Run ``examples/SCRIPT ARGS`` as ``__main__``; return its stdout and, per epoch, the layers' raw outputs."""
+    epochs = []  # per add_saturations(): (layer, mode) -> outputs our hooks saw since the last one
+
+    class Recording(delve.CheckLayerSat):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.capture = OutputCapture(dict(self.layers))
+
+        def add_saturations(self, save=True):
+            epochs.append(dict(self.capture.outputs))
+            self.capture.clear()
+            return super().add_saturations(save)
+
+    path = os.path.join(ROOT, "examples", script)
+    monkeypatch.setattr(delve, "CheckLayerSat", Recording)  # what the script's `from delve import` gets
+    monkeypatch.setattr(sys, "argv", [path, *args])
+    runpy.run_path(path, run_name="__main__")
+    return capsys.readouterr().out, epochs
 
 
-def check_layers(table, widths):
-    """Every layer has consistent train and eval saturation / intrinsic dimensionality columns."""
-    for mode in ("train", "eval"):
-        for layer, width in widths.items():
-            lsat = table[f"{mode}-saturation_{layer}"].to_numpy()
-            idim = table[f"{mode}-intrinsic-dimensionality_{layer}"].to_numpy()
-            assert np.all((idim >= 1) & (idim <= width)), (mode, layer, idim)
-            np.testing.assert_allclose(lsat, idim / width, rtol=1e-12)
+def check_layers(table, widths, epochs, to_rows, thresh=0.99):
+    """Every layer's saturation / intrinsic dimensionality equals numpy's on the rows our hooks saw."""
+    assert list(table.index) == list(range(len(epochs)))
+    references = {}
+    for epoch, outputs in enumerate(epochs):
+        for mode in ("train", "eval"):
+            for layer, width in widths.items():
+                rows = np.concatenate([to_rows(raw) for raw in outputs[(layer, mode)]])
+                assert rows.shape[1] == width, (layer, rows.shape)
+                ref = np_stats(rows, thresh)
+                ratios = np.cumsum(ref["eig"]) / ref["eig"].sum()
+                assert np.min(np.abs(ratios - thresh)) > 1e-6  # not on the edge of a step
+                assert table.loc[epoch, f"{mode}-intrinsic-dimensionality_{layer}"] == ref["idim"], (epoch, mode, layer)
+                assert table.loc[epoch, f"{mode}-saturation_{layer}"] == pytest.approx(ref["lsat"], rel=1e-12)
+                references[(epoch, mode, layer)] = ref
+    return references
 
 
-def test_cifar_example_runs_on_synthetic_data(tmp_path):
+def test_cifar_example_runs_on_synthetic_data(tmp_path, monkeypatch, capsys):
     savefile = str(tmp_path / "cifar")
-    out = run_example(
+    out, epochs = run_example(
+        monkeypatch, capsys,
         "cifar_cnn.py", "--synthetic", "--epochs", "2", "--batches", "2", "--batch-size", "8", "--width", "4",
         "--savefile", savefile,
-    )
+    )  # fmt: skip
     assert out.count("epoch ") == 2
     table = pd.read_csv(savefile + ".csv", sep=";", index_col=0)
-    assert list(table.index) == [0, 1]
     assert list(table.columns[:3]) == ["train-loss", "test-loss", "test-accuracy"]
     # Channels of the three convolutions (width 4), then the two linear layers.
     widths = {"features-0": 4, "features-3": 8, "features-6": 16, "classifier-1": 128, "classifier-3": 10}
-    check_layers(table, widths)
-    for mode in ("train", "eval"):
-        mean = table[[f"{mode}-saturation_{layer}" for layer in widths]].mean(axis=1)
-        np.testing.assert_allclose(table[f"average-{mode}-sat"], mean, rtol=1e-12)
+    refs = check_layers(table, widths, epochs, lambda raw: conv_rows(raw, "channelwise") if raw.ndim == 4 else raw)
+    for epoch in (0, 1):
+        for mode in ("train", "eval"):
+            mean = np.mean([refs[(epoch, mode, layer)]["lsat"] for layer in widths])
+            assert table.loc[epoch, f"average-{mode}-sat"] == pytest.approx(mean, rel=1e-12)
     assert table["test-accuracy"].between(0, 1).all()
 
 
-def test_lstm_example_runs_on_packed_variable_length_sequences(tmp_path):
+def valid_steps(out):
+    """Rows of a layer output by SPEC §3 ``timestepwise``: every valid step of a packed sequence."""
+    if not isinstance(out, PackedSequence):
+        return out
+    padded, lengths = pad_packed_sequence(out, batch_first=True)
+    padded = padded.detach().double().numpy()
+    return np.concatenate([padded[i, :n] for i, n in enumerate(lengths.tolist())])
+
+
+def test_lstm_example_runs_on_packed_variable_length_sequences(tmp_path, monkeypatch, capsys):
     savefile = str(tmp_path / "lstm")
-    out = run_example(
+    out, epochs = run_example(
+        monkeypatch, capsys,
         "lstm.py", "--epochs", "2", "--batches", "3", "--batch-size", "8", "--hidden", "6",
         "--timeseries-method", "timestepwise", "--savefile", savefile,
-    )
+    )  # fmt: skip
     assert out.count("epoch ") == 2
     table = pd.read_csv(savefile + ".csv", sep=";", index_col=0)
-    assert list(table.index) == [0, 1]
     assert list(table.columns[:2]) == ["train-loss", "test-accuracy"]
-    check_layers(table, {"lstm": 6, "head": 4})
+    # (With last_timestep, the LSTM's idim would be 3 or 4 instead of 5: the option must reach the tracker.)
+    check_layers(table, {"lstm": 6, "head": 4}, epochs, valid_steps)
 
 
 def test_every_file_the_docs_include_exists():
@@ -77,4 +113,3 @@ def test_every_file_the_docs_include_exists():
     assert included, "the examples page includes the example scripts"
     for path in included:
         assert os.path.isfile(os.path.normpath(os.path.join(DOCS, path))), path
-

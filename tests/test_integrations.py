@@ -23,18 +23,18 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 from delve.integrations.lightning import SaturationCallback as LightningSaturation
 from delve.integrations.transformers import SaturationCallback as HFSaturation
+from tests.reference import np_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THRESH = 0.9
 
+
 def reference(rows):
     """(idim, lsat, trace) of the rows' population covariance, from float64 numpy."""
-    x = np.concatenate(rows).astype(np.float64)
-    cov = np.cov(x, rowvar=False, bias=True)
-    eig = np.clip(np.linalg.eigvalsh(cov)[::-1], 0, None)
-    ratios = np.cumsum(eig) / eig.sum()
-    idim = min(int(np.searchsorted(ratios, THRESH)) + 1, len(eig))
-    return idim, idim / len(eig), float(np.trace(cov))
+    ref = np_stats(np.concatenate(rows), THRESH)
+    ratios = np.cumsum(ref["eig"]) / ref["eig"].sum()
+    assert np.min(np.abs(ratios - THRESH)) > 1e-6  # not on the edge of a step
+    return ref["idim"], ref["lsat"], ref["trc"]
 
 
 def read_csv(path):
@@ -171,13 +171,13 @@ def loaders():
 def test_lightning_callback_writes_each_epochs_train_and_validation_statistics(tmp_path):
     torch.manual_seed(0)
     module = TinyModule()
-    records, _ = capture_lightning(module, module.net[0])
+    records = {name: capture_lightning(module, module.net[i])[0] for name, i in (("net-0", 0), ("net-2", 2))}
     callback = LightningSaturation(stats=["lsat", "idim", "trc"], sat_threshold=THRESH)
     trainer = lightning_trainer(tmp_path, callback)
     trainer.fit(module, *loaders())
 
     # The sanity check ran (and must not be counted).
-    assert sum(1 for sanity, *_ in records if sanity) == 2
+    assert sum(1 for sanity, *_ in records["net-0"] if sanity) == 2
     csv = os.path.join(trainer.log_dir, "saturation.csv")
     table = read_csv(csv)
     assert list(table.index) == [0, 1]
@@ -189,14 +189,15 @@ def test_lightning_callback_writes_each_epochs_train_and_validation_statistics(t
     ]
     assert list(table.columns) == expected_columns
 
-    for epoch in (0, 1):
-        for mode, batches in (("train", 3), ("eval", 2)):
-            rows = [out for sanity, e, m, out in records if not sanity and e == epoch and m == mode]
-            assert len(rows) == batches
-            idim, lsat, trace = reference(rows)
-            assert table.loc[epoch, f"{mode}-intrinsic-dimensionality_net-0"] == idim
-            assert table.loc[epoch, f"{mode}-saturation_net-0"] == pytest.approx(lsat, abs=1e-12)
-            assert table.loc[epoch, f"{mode}-covariance-trace_net-0"] == pytest.approx(trace, rel=1e-6)
+    for name, layer_records in records.items():
+        for epoch in (0, 1):
+            for mode, batches in (("train", 3), ("eval", 2)):
+                rows = [out for sanity, e, m, out in layer_records if not sanity and e == epoch and m == mode]
+                assert len(rows) == batches
+                idim, lsat, trace = reference(rows)
+                assert table.loc[epoch, f"{mode}-intrinsic-dimensionality_{name}"] == idim
+                assert table.loc[epoch, f"{mode}-saturation_{name}"] == pytest.approx(lsat, abs=1e-12)
+                assert table.loc[epoch, f"{mode}-covariance-trace_{name}"] == pytest.approx(trace, rel=1e-6)
     # Low-rank inputs: the first layer is far from saturated, so the comparison is not trivial.
     assert table["train-intrinsic-dimensionality_net-0"].max() < 8
 
@@ -208,9 +209,9 @@ def test_lightning_callback_writes_each_epochs_train_and_validation_statistics(t
         np.testing.assert_allclose(logged[column].to_numpy(), table[column].to_numpy(), rtol=1e-12)
     assert sorted(callback.history) == [0, 1]
 
-    # Fit is over: every hook of the tracker is gone, only the test's own remains.
+    # Fit is over: every hook of the tracker is gone, only the test's own remain.
     assert len(module.net[0]._forward_hooks) == 1
-    assert len(module.net[2]._forward_hooks) == 0
+    assert len(module.net[2]._forward_hooks) == 1
 
 
 def test_lightning_epochs_without_validation_have_no_eval_values(tmp_path):
@@ -240,13 +241,19 @@ def test_lightning_epochs_without_validation_have_no_eval_values(tmp_path):
 def test_lightning_failure_removes_the_hooks_and_keeps_finished_epochs(tmp_path):
     torch.manual_seed(0)
     module = TinyModule(fail_at_epoch=1)
-    callback = LightningSaturation(stats=["lsat"])
+    records, handle = capture_lightning(module, module.net[0])
+    callback = LightningSaturation(stats=["lsat"], sat_threshold=THRESH)
     trainer = lightning_trainer(tmp_path, callback)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(module, *loaders())
+    handle.remove()
     assert all(len(layer._forward_hooks) == 0 for layer in (module.net[0], module.net[2]))
     table = read_csv(os.path.join(trainer.log_dir, "saturation.csv"))
     assert list(table.index) == [0]
+    # The finished epoch keeps its values.
+    for mode in ("train", "eval"):
+        rows = [out for sanity, e, m, out in records if not sanity and e == 0 and m == mode]
+        assert table.loc[0, f"{mode}-saturation_net-0"] == pytest.approx(reference(rows)[1], abs=1e-12)
 
 
 # ---------------------------------------------------------------------- transformers
@@ -274,13 +281,17 @@ def test_transformers_callback_writes_each_epochs_train_and_evaluation_statistic
         max_position_embeddings=16,
     )
     model = BertForSequenceClassification(config)
-    layer = model.bert.pooler.dense
-    records = []
+    layers = {"bert-pooler-dense": model.bert.pooler.dense, "classifier": model.classifier}
+    records = {name: [] for name in layers}
 
-    def hook(mod, inputs, output):
-        records.append(("train" if mod.training else "eval", output.detach().numpy().copy()))
+    def recorder(name):
+        def hook(mod, inputs, output):
+            records[name].append(("train" if mod.training else "eval", output.detach().numpy().copy()))
 
-    layer.register_forward_hook(hook)
+        return hook
+
+    for name, layer in layers.items():
+        layer.register_forward_hook(recorder(name))
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         num_train_epochs=2,
@@ -308,10 +319,6 @@ def test_transformers_callback_writes_each_epochs_train_and_evaluation_statistic
     )
     trainer.train()
 
-    train_rows = [out for mode, out in records if mode == "train"]
-    eval_rows = [out for mode, out in records if mode == "eval"]
-    # 3 training batches per epoch; 2 evaluation batches before training, then 2 after each epoch.
-    assert len(train_rows) == 6 and len(eval_rows) == 6
     table = read_csv(os.path.join(args.output_dir, "saturation.csv"))
     assert list(table.index) == [0, 1]
     assert list(table.columns) == [
@@ -320,15 +327,20 @@ def test_transformers_callback_writes_each_epochs_train_and_evaluation_statistic
         for name in ("bert-pooler-dense", "classifier")
         for stat in ("saturation", "covariance-trace")
     ]
-    for epoch in (0, 1):
-        expected = {
-            "train": reference(train_rows[3 * epoch : 3 * epoch + 3]),
-            # The evaluation before training (eval_on_start) is not part of any epoch.
-            "eval": reference(eval_rows[2 + 2 * epoch : 4 + 2 * epoch]),
-        }
-        for mode, (_, lsat, trace) in expected.items():
-            assert table.loc[epoch, f"{mode}-saturation_bert-pooler-dense"] == pytest.approx(lsat, abs=1e-12)
-            assert table.loc[epoch, f"{mode}-covariance-trace_bert-pooler-dense"] == pytest.approx(trace, rel=1e-6)
+    for name, layer_records in records.items():
+        train_rows = [out for mode, out in layer_records if mode == "train"]
+        eval_rows = [out for mode, out in layer_records if mode == "eval"]
+        # 3 training batches per epoch; 2 evaluation batches before training, then 2 after each epoch.
+        assert len(train_rows) == 6 and len(eval_rows) == 6
+        for epoch in (0, 1):
+            expected = {
+                "train": reference(train_rows[3 * epoch : 3 * epoch + 3]),
+                # The evaluation before training (eval_on_start) is not part of any epoch.
+                "eval": reference(eval_rows[2 + 2 * epoch : 4 + 2 * epoch]),
+            }
+            for mode, (_, lsat, trace) in expected.items():
+                assert table.loc[epoch, f"{mode}-saturation_{name}"] == pytest.approx(lsat, abs=1e-12)
+                assert table.loc[epoch, f"{mode}-covariance-trace_{name}"] == pytest.approx(trace, rel=1e-6)
 
     # One log_history entry per epoch, shaped like the trainer's own, with the same values.
     entries = [e for e in trainer.state.log_history if "train-saturation_classifier" in e]
@@ -337,7 +349,7 @@ def test_transformers_callback_writes_each_epochs_train_and_evaluation_statistic
     for epoch, entry in enumerate(entries):
         for column in table.columns:
             assert entry[column] == pytest.approx(table.loc[epoch, column], rel=1e-12)
-    assert len(layer._forward_hooks) == 1  # only the test's hook is left
+    assert all(len(layer._forward_hooks) == 1 for layer in layers.values())  # only the test's hooks are left
 
 
 # --------------------------------------------------------------------- bad arguments

@@ -129,10 +129,12 @@ def test_convolutions_match_numpy(kind, method, tmp_path):
 
 def test_channelwise_width_is_the_channel_count(tmp_path):
     # ConvTranspose2d(2, 7, ...) has 7 output channels: saturation is idim / 7.
+    torch.manual_seed(9)
     model = Holder(nn.ConvTranspose2d(2, 7, 3, stride=2))
-    _, captured, returned, _ = run_epochs(
+    tracker, captured, returned, csv = run_epochs(
         model, lambda gen: torch.randn(4, 2, 3, 3, generator=gen), tmp_path, epochs=1
     )
+    check_against_reference(tracker, captured, returned, csv, lambda out: conv_rows(out, "channelwise"))
     values = returned[0]
     assert values["train-saturation_layer"] * 7 == values["train-intrinsic-dimensionality_layer"]
 
@@ -212,15 +214,20 @@ def test_include_conv_false_drops_every_convolution(tmp_path):
             self.lstm = nn.LSTM(2, 3)
             self.head = nn.Linear(3, 2)
 
+    torch.manual_seed(10)
     model = Everything()
     with CheckLayerSat(str(tmp_path / "all"), "csv", model) as tracker:
         assert list(tracker.layers) == ["c1", "c2", "c3", "t1", "t2", "t3", "gru", "rnn", "lstm", "head"]
-    with CheckLayerSat(str(tmp_path / "noconv"), "csv", model, include_conv=False) as tracker:
+    capture = OutputCapture({"head": model.head})
+    with CheckLayerSat(str(tmp_path / "noconv"), "csv", model, include_conv=False, stats=["lsat", "trc"]) as tracker:
         assert list(tracker.layers) == ["gru", "rnn", "lstm", "head"]
         model.c3(torch.randn(2, 1, 2, 2, 2))
         model.head(torch.randn(4, 3))
         values = tracker.add_saturations()
-    assert list(values) == ["train-saturation_head"]
+    assert list(values) == ["train-saturation_head", "train-covariance-trace_head"]
+    ref = np_stats(np.concatenate(capture.take("head", "train")))
+    assert values["train-saturation_head"] == ref["lsat"]
+    assert values["train-covariance-trace_head"] == pytest.approx(ref["trc"], rel=1e-6)
     only_conv = nn.Sequential(nn.Conv1d(1, 2, 1), nn.ConvTranspose3d(2, 2, 1))
     with pytest.raises(ValueError, match="include_conv=False"):
         CheckLayerSat(str(tmp_path / "x"), "csv", only_conv, include_conv=False)
