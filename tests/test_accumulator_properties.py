@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from delve import TorchCovarianceMatrix
+from tests.reference import np_cov, rel_err
 
 SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -34,15 +35,6 @@ def splits(draw, rows):
     return draw(st.permutations(batches))
 
 
-def _np_cov(data):
-    return np.atleast_2d(np.cov(data, rowvar=False, bias=True))
-
-
-def _rel(a, b):
-    scale = np.linalg.norm(b)
-    return np.linalg.norm(a - b) / scale if scale > 0 else np.linalg.norm(a - b)
-
-
 def _accumulate(data, batches, **kwargs):
     acc = TorchCovarianceMatrix(**kwargs)
     for start, stop in batches:
@@ -58,8 +50,8 @@ def test_any_split_and_order_of_updates(data):
     acc = _accumulate(rows, batches, float64_products=True)
     whole = _accumulate(rows, [(0, rows.shape[0])], float64_products=True)
     assert acc.count == rows.shape[0]
-    assert _rel(acc.fix().numpy(), _np_cov(rows)) < 1e-9
-    assert _rel(acc.fix().numpy(), whole.fix().numpy()) < 1e-9
+    assert rel_err(acc.fix().numpy(), np_cov(rows)) < 1e-9
+    assert rel_err(acc.fix().numpy(), whole.fix().numpy()) < 1e-9
     np.testing.assert_allclose(acc.mean.numpy(), rows.mean(0), rtol=1e-9, atol=1e-9 * np.abs(rows).max())
 
 
@@ -80,10 +72,10 @@ def test_any_merge_tree(data):
         del parts[j]
     (merged,) = parts
     assert merged.count == rows.shape[0]
-    assert _rel(merged.fix().numpy(), _np_cov(rows)) < 1e-9
+    assert rel_err(merged.fix().numpy(), np_cov(rows)) < 1e-9
     # merge() must not have disturbed what a merged accumulator goes on to see.
     merged.update(torch.from_numpy(rows))
-    assert _rel(merged.fix().numpy(), _np_cov(np.concatenate([rows, rows]))) < 1e-9
+    assert rel_err(merged.fix().numpy(), np_cov(np.concatenate([rows, rows]))) < 1e-9
 
 
 @SETTINGS
@@ -98,10 +90,12 @@ def test_merge_leaves_its_argument_untouched_and_copies_are_independent(data):
     for key, value in source.state_tensors().items():
         assert torch.equal(value, before[key]), key
     assert target.count == 2 * rows.shape[0]
-    assert _rel(target.fix().numpy(), _np_cov(np.concatenate([rows, rows]))) < 1e-9
+    assert rel_err(target.fix().numpy(), np_cov(np.concatenate([rows, rows]))) < 1e-9
     copy = source.synced()  # without a process group: an independent copy
+    assert rel_err(copy.fix().numpy(), np_cov(rows)) < 1e-9
     copy.reset()
     assert source.count == rows.shape[0]
+    assert rel_err(source.fix().numpy(), np_cov(rows)) < 1e-9
 
 
 @SETTINGS
@@ -112,4 +106,4 @@ def test_default_float32_products_stay_within_the_contract(data):
     rows = data.draw(datasets(max_rows=60, max_dim=6)).astype(np.float32)
     batches = data.draw(splits(rows.shape[0]))
     acc = _accumulate(rows, batches)
-    assert _rel(acc.fix().numpy(), _np_cov(rows.astype(np.float64))) < 1e-6
+    assert rel_err(acc.fix().numpy(), np_cov(rows.astype(np.float64))) < 1e-6

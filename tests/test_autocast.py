@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from delve import CheckLayerSat
+from tests.reference import conv_rows, np_cov, np_stats, rel_err
 
 
 class Net(nn.Module):
@@ -30,16 +31,10 @@ def _sgd_step(model: nn.Module, lr: float) -> None:
             param -= lr * param.grad
 
 
-def _np_cov(rows):
-    return np.cov(rows, rowvar=False, bias=True)
-
-
 def _rows(name, output):
     """The test's own conversion of a layer output to rows (channelwise for the conv)."""
-    out = output.detach().double()
-    if name == "conv":
-        out = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
-    return out.numpy()
+    out = output.detach().double().numpy()
+    return conv_rows(out, "channelwise") if name == "conv" else out
 
 
 def test_training_under_bfloat16_autocast(tmp_path):
@@ -73,22 +68,25 @@ def test_training_under_bfloat16_autocast(tmp_path):
             loss.backward()
             _sgd_step(model, lr=0.01)
         values = tracker.add_saturations()
-        covs = {}
+        refs = {}
         for name in names:
-            cov = _np_cov(np.concatenate(captured[name]))
+            ref = np_stats(np.concatenate(captured[name]))
             got = values[f"train-covariance-matrix_{name}"]
             assert got.dtype == np.float64
-            assert np.linalg.norm(got - cov) / np.linalg.norm(cov) < 1e-6, (epoch, name)
-            covs[name] = cov
+            assert rel_err(got, ref["cov"]) < 1e-6, (epoch, name)
+            assert values[f"train-intrinsic-dimensionality_{name}"] == ref["idim"], (epoch, name)
+            refs[name] = ref
             captured[name].clear()
-        expected.append(covs)
+        expected.append(refs)
     tracker.close()
     assert dtypes == {torch.bfloat16}  # the hooks really saw bfloat16 outputs
 
     table = pd.read_csv(savefile + ".csv", sep=";", index_col=0)
-    for epoch, covs in enumerate(expected):
-        for name, cov in covs.items():
-            assert table.loc[epoch, f"train-covariance-trace_{name}"] == pytest.approx(np.trace(cov), rel=1e-6)
+    assert list(table.index) == [0, 1]
+    for epoch, refs in enumerate(expected):
+        for name, ref in refs.items():
+            assert table.loc[epoch, f"train-covariance-trace_{name}"] == pytest.approx(ref["trc"], rel=1e-6)
+            assert table.loc[epoch, f"train-intrinsic-dimensionality_{name}"] == ref["idim"]
 
 
 def test_float16_model(tmp_path):
@@ -101,6 +99,5 @@ def test_float16_model(tmp_path):
         for _ in range(4):
             layer((torch.randn(16, 5) * 3 + 1).to(torch.float16))
     got = tracker.add_saturations()["train-covariance-matrix_Module-0-Linear"]
-    cov = _np_cov(np.concatenate(outputs))
-    assert np.linalg.norm(got - cov) / np.linalg.norm(cov) < 1e-6
+    assert rel_err(got, np_cov(np.concatenate(outputs))) < 1e-6
     tracker.close()

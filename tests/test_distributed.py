@@ -6,7 +6,6 @@ import gc
 import os
 import sys
 import time
-from collections import defaultdict
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from delve import CheckLayerSat, TorchCovarianceMatrix
 from delve import distributed as delve_dist
+from tests.reference import OutputCapture, np_cov, np_stats, rel_err
 
 WORLD = 2
 EPOCHS = 3
@@ -75,17 +75,7 @@ def _train_and_record(rank: int, out: str) -> None:
     ddp = DistributedDataParallel(model)
 
     # The test's own record of every output, independent of the library.
-    captured = defaultdict(list)
-
-    def capture(name):
-        def hook(module, inputs, output):
-            mode = "train" if module.training else "eval"
-            captured[(epoch, name, mode)].append(output.detach().double().numpy())
-
-        return hook
-
-    for name in LAYERS:
-        getattr(model, name).register_forward_hook(capture(name))
+    capture = OutputCapture({name: getattr(model, name) for name in LAYERS})
 
     savefile = os.path.join(out, f"rank{rank}", "stats")
     tracker = CheckLayerSat(savefile, "csv", ddp, stats=STATS)
@@ -116,11 +106,13 @@ def _train_and_record(rank: int, out: str) -> None:
         for name in LAYERS:
             key = f"train-covariance-matrix_{name}"
             np.save(os.path.join(out, f"kept_{rank}_{epoch}_{name}.npy"), kept[key])
+            for mode in ("train", "eval"):
+                arrays = capture.take(name, mode)
+                if arrays:
+                    np.save(os.path.join(out, f"rows_{rank}_{epoch}_{mode}_{name}.npy"), np.concatenate(arrays))
     tracker.close()
     keeper.close()
-    for (epoch, name, mode), arrays in captured.items():
-        np.save(os.path.join(out, f"rows_{rank}_{epoch}_{mode}_{name}.npy"), np.concatenate(arrays))
-
+    capture.remove()
 
 
 def _worker(rank: int, rendezvous: str, out: str) -> None:
@@ -140,20 +132,6 @@ def _worker(rank: int, rendezvous: str, out: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # everything is on disk; skip finalizers of C++ thread pools
-
-
-def _np_cov(rows: np.ndarray) -> np.ndarray:
-    return np.atleast_2d(np.cov(rows, rowvar=False, bias=True))
-
-
-def _np_stats(cov: np.ndarray, thresh: float = 0.99) -> dict:
-    eig = np.clip(np.sort(np.linalg.eigvalsh(cov))[::-1], 0, None)
-    idim = int(min(np.sum(np.cumsum(eig) / eig.sum() < thresh) + 1, len(eig)))
-    return {"idim": idim, "lsat": idim / len(eig), "trc": np.trace(cov), "dtrc": eig.sum()}
-
-
-def _rel(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _spawn(out: str) -> None:
@@ -185,7 +163,7 @@ def _check_rank0_csv_holds_statistics_of_all_samples(run):
                 rows = _rows(run, epoch, mode, name)
                 # Shards really differ in size, so an average of covariances would be wrong.
                 assert rows.shape[0] == (STEPS * (5 + 8) if mode == "train" else 5)
-                expected = _np_stats(_np_cov(rows))
+                expected = np_stats(rows)
                 for stat, column in (
                     ("idim", "intrinsic-dimensionality"),
                     ("lsat", "saturation"),
@@ -200,25 +178,25 @@ def _check_every_rank_gets_the_union_covariance(run):
     for epoch in range(EPOCHS):
         for mode in ("train", "eval"):
             for name in LAYERS:
-                expected = _np_cov(_rows(run, epoch, mode, name))
+                expected = np_cov(_rows(run, epoch, mode, name))
                 covs = [np.load(os.path.join(run, f"cov_{r}_{epoch}_{mode}_{name}.npy")) for r in range(WORLD)]
-                assert _rel(covs[0], expected) < 1e-6
+                assert rel_err(covs[0], expected) < 1e-6
                 # Same messages merged in the same rank order: bit-identical on every rank.
                 np.testing.assert_array_equal(covs[0], covs[1])
                 # Not merely rank 0's own shard.
-                own = _np_cov(_rows(run, epoch, mode, name, ranks=[0]))
+                own = np_cov(_rows(run, epoch, mode, name, ranks=[0]))
                 if mode == "train":
-                    assert _rel(own, expected) > 1e-3
+                    assert rel_err(own, expected) > 1e-3
 
 
 def _check_kept_covariance_is_not_double_counted(run):
     for epoch in range(EPOCHS):
         for name in LAYERS:
             rows = np.concatenate([_rows(run, e, "train", name) for e in range(epoch + 1)])
-            expected = _np_cov(rows)
+            expected = np_cov(rows)
             for rank in range(WORLD):
                 got = np.load(os.path.join(run, f"kept_{rank}_{epoch}_{name}.npy"))
-                assert _rel(got, expected) < 1e-6, (epoch, name, rank)
+                assert rel_err(got, expected) < 1e-6, (epoch, name, rank)
 
 
 def _check_only_rank0_writes(run):
@@ -229,10 +207,10 @@ def _check_only_rank0_writes(run):
 
 def _check_synced_accumulator_collectives(run):
     rows = (np.arange(12, dtype=np.float64).reshape(4, 3)) ** 1.5
-    expected = _np_cov(rows)
+    expected = np_cov(rows)
     for rank in range(WORLD):
         got = np.load(os.path.join(run, f"one_sided_rank{rank}.npy"))
-        assert _rel(got, expected) < 1e-12
+        assert rel_err(got, expected) < 1e-12
 
 
 def test_two_gloo_ranks_with_ddp(tmp_path):
@@ -254,7 +232,7 @@ def test_without_a_process_group_nothing_changes():
     acc.update(data)
     copy = acc.synced()
     assert copy is not acc and copy.count == 7
-    np.testing.assert_allclose(copy.fix().numpy(), _np_cov(data.numpy()), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(copy.fix().numpy(), np_cov(data.numpy()), rtol=1e-12, atol=1e-14)
     copy.update(data)  # the copy is independent of the original
     assert acc.count == 7
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from delve import CheckLayerSat, TorchCovarianceMatrix
 from delve.covariance import covariance_bytes
+from tests.reference import OutputCapture, conv_rows, np_stats
 
 
 def _refuse(self, dim, device):
@@ -62,23 +63,25 @@ def _capture_width(model: nn.Module, layer: nn.Module, x, **tracker_args) -> int
 
 
 @pytest.mark.parametrize(
-    "layer, x, conv_method",
+    "layer, x, conv_method, width",
     [
-        (nn.Linear(5, 7), torch.randn(4, 3, 5), "channelwise"),
-        (nn.Conv2d(2, 6, 3), torch.randn(3, 2, 8, 8), "channelwise"),
-        (nn.Conv2d(2, 6, 3), torch.randn(3, 2, 8, 8), "mean"),
-        (nn.Conv2d(2, 6, 3), torch.randn(3, 2, 8, 8), "median"),
-        (nn.ConvTranspose1d(2, 5, 3), torch.randn(3, 2, 8), "max"),
-        (nn.LSTM(4, 6, batch_first=True), torch.randn(3, 5, 4), "channelwise"),
-        (nn.LSTM(4, 6, bidirectional=True), torch.randn(5, 3, 4), "channelwise"),
-        (nn.LSTM(4, 6, proj_size=2, bidirectional=True), torch.randn(5, 3, 4), "channelwise"),
-        (nn.GRU(4, 3, num_layers=2, bidirectional=True), torch.randn(5, 3, 4), "channelwise"),
+        (nn.Linear(5, 7), torch.randn(4, 3, 5), "channelwise", 7),
+        (nn.Conv2d(2, 6, 3), torch.randn(3, 2, 8, 8), "channelwise", 6),
+        (nn.Conv2d(2, 6, 3), torch.randn(3, 2, 8, 8), "mean", 6),
+        (nn.Conv2d(2, 6, 3), torch.randn(3, 2, 8, 8), "median", 6),
+        (nn.ConvTranspose1d(2, 5, 3), torch.randn(3, 2, 8), "max", 5),
+        (nn.LSTM(4, 6, batch_first=True), torch.randn(3, 5, 4), "channelwise", 6),
+        (nn.LSTM(4, 6, bidirectional=True), torch.randn(5, 3, 4), "channelwise", 12),
+        (nn.LSTM(4, 6, proj_size=2, bidirectional=True), torch.randn(5, 3, 4), "channelwise", 4),
+        (nn.GRU(4, 3, num_layers=2, bidirectional=True), torch.randn(5, 3, 4), "channelwise", 6),
     ],
 )
 @pytest.mark.filterwarnings("ignore:LSTM with projections")
-def test_construction_check_uses_the_true_width(layer, x, conv_method, monkeypatch):
+def test_construction_check_uses_the_true_width(layer, x, conv_method, width, monkeypatch):
     model = nn.Sequential(layer)
-    width = _capture_width(model, layer, x, conv_method=conv_method)
+    # The width the tracker records agrees with the layer's true output width (SPEC §3) ...
+    assert _capture_width(model, layer, x, conv_method=conv_method) == width
+    # ... and the construction-time check budgets for that width.
     exact = covariance_bytes(width)
     monkeypatch.setattr(TorchCovarianceMatrix, "_allocate", _refuse)
     # A budget of exactly the true need is accepted; one byte less is refused at construction.
@@ -107,6 +110,7 @@ def test_flatten_of_a_large_feature_map_is_refused_before_allocation(tmp_path, n
 def test_flatten_after_interpolation_fits(tmp_path):
     conv = nn.Conv2d(3, 64, 3, padding=1)
     model = nn.Sequential(conv)
+    capture = OutputCapture({"0": conv})
     tracker = CheckLayerSat(
         str(tmp_path / "s"),
         "csv",
@@ -116,6 +120,13 @@ def test_flatten_after_interpolation_fits(tmp_path):
         interpolation_downsampling=4,
         stats=["trc"],
     )
-    model(torch.randn(2, 3, 128, 128))
+    with torch.no_grad():
+        model(torch.randn(4, 3, 128, 128))
     assert tracker._state[("0", "train")].cov.dim == 64 * 4 * 4
+    values = tracker.add_saturations(save=False)
     tracker.close()
+    # Nearest resizing 128 -> 4 keeps every 32nd row and column, then C·4·4 features per sample.
+    (out,) = capture.take("0", "train")
+    rows = conv_rows(out[:, :, ::32, ::32], "flatten")
+    assert rows.shape == (4, 64 * 4 * 4)
+    assert values["train-covariance-trace_0"] == pytest.approx(np_stats(rows)["trc"], rel=1e-6)

@@ -94,12 +94,25 @@ def test_all_stats_from_one_eigendecomposition(monkeypatch):
 
     monkeypatch.setattr(metrics.torch.linalg, "eigvalsh", eigvalsh)
     monkeypatch.setattr(metrics.torch.linalg, "eigh", eigh)
-    cov = random_cov(6, 6, 2)
+    rows = np.random.default_rng(2).multivariate_normal(np.zeros(6), random_cov(6, 6, 2), size=200)
+    ref = np_stats(rows)
+    cov = ref["cov"]
     scalar = [s for s in STATMAP if s != "embed"]
-    layer_statistics(cov, scalar)
+    first = layer_statistics(cov, scalar)
     assert calls == {"eigvalsh": 1, "eigh": 0}
-    layer_statistics(cov, scalar + ["embed"], samples=torch.randn(5, 6), mean=torch.zeros(6))
+    second = layer_statistics(cov, scalar + ["embed"], samples=torch.from_numpy(rows[:5]), mean=torch.zeros(6))
     assert calls == {"eigvalsh": 1, "eigh": 1}
+    # One decomposition still gives every stat its own correct value, with or without eigenvectors.
+    for out in (first, second):
+        assert out["idim"] == ref["idim"] and out["lsat"] == pytest.approx(ref["lsat"])
+        np.testing.assert_allclose(out["cov"], cov, rtol=0, atol=0)
+        for stat in ("trc", "dtrc", "det"):
+            assert out[stat] == pytest.approx(ref[stat], rel=1e-9), stat
+        np.testing.assert_allclose(out["spectrum"], ref["eig"][:5], rtol=1e-10)
+    top = np.linalg.eigh(cov)[1][:, ::-1][:, :2]
+    expected = rows[:5] @ top  # mean given as 0: no centring
+    signs = np.sign(np.sum(second["embed"] * expected, axis=0))  # eigenvectors have no sign
+    np.testing.assert_allclose(second["embed"] * signs, expected, rtol=1e-8, atol=1e-10)
 
 
 def test_embed_projects_on_top_two_eigenvectors():

@@ -6,11 +6,13 @@ import logging
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from torch import nn
 
 from delve import CheckLayerSat
 from delve.writers import AbstractWriter
+from tests.reference import np_stats, rel_err
 
 LAYERS = ("0", "2")
 
@@ -51,19 +53,6 @@ class EmbedRecorder(AbstractWriter):
         self.embeds = dict(sample_value_dict or {})
 
 
-def _np_cov(rows):
-    return np.cov(rows, rowvar=False, bias=True)
-
-
-def _np_stats(rows, thresh=0.99):
-    cov = _np_cov(rows)
-    values, vectors = np.linalg.eigh(cov)
-    order = np.argsort(values)[::-1]
-    eig = np.clip(values[order], 0, None)
-    idim = int(min(np.sum(np.cumsum(eig) / eig.sum() < thresh) + 1, len(eig)))
-    return cov, idim, vectors[:, order]
-
-
 def test_nonfinite_batches_are_skipped_counted_and_reported(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="delve")
     model = _model()
@@ -76,28 +65,35 @@ def test_nonfinite_batches_are_skipped_counted_and_reported(tmp_path, caplog):
     recorder = EmbedRecorder()
     tracker = CheckLayerSat(savefile, ["csv", recorder], model, stats=["idim", "trc", "cov", "embed"], verbose=True)
 
+    expected_table = []
     for epoch, batches in enumerate(EPOCHS):
         caplog.clear()
         for batch in batches:
             model(batch)
         values = tracker.add_saturations()
         skipped = {}
+        expected_row = {}
         for name in LAYERS:
             finite = [o for o in outputs[name] if np.isfinite(o).all()]
             skipped[name] = len(batches) - len(finite)
             rows = np.concatenate(finite)
-            cov, idim, vectors = _np_stats(rows)
+            ref = np_stats(rows)
             got = values[f"train-covariance-matrix_{name}"]
             assert np.isfinite(got).all()
-            assert np.linalg.norm(got - cov) / np.linalg.norm(cov) < 1e-6
-            assert values[f"train-intrinsic-dimensionality_{name}"] == idim
+            assert rel_err(got, ref["cov"]) < 1e-6
+            assert values[f"train-intrinsic-dimensionality_{name}"] == ref["idim"]
+            assert values[f"train-covariance-trace_{name}"] == pytest.approx(ref["trc"], rel=1e-6)
+            expected_row[f"train-intrinsic-dimensionality_{name}"] = ref["idim"]
+            expected_row[f"train-covariance-trace_{name}"] = ref["trc"]
             # The embedding holds the finite batches' rows only, centred and projected
             # (an eigenvector's sign is arbitrary).
             embed = recorder.embeds[f"train-embedded-sample_{name}"]
+            vectors = np.linalg.eigh(ref["cov"])[1][:, ::-1]
             expected = (rows - rows.mean(0)) @ vectors[:, :2]
             assert embed.shape == expected.shape
             np.testing.assert_allclose(np.abs(embed), np.abs(expected), rtol=1e-4, atol=1e-4)
             outputs[name].clear()
+        expected_table.append(expected_row)
         # tanh maps ±inf to ±1: the second layer sees fewer bad batches than the first.
         assert skipped == ({"0": 2, "2": 1} if epoch == 0 else {"0": 1, "2": 0})
 
@@ -118,6 +114,11 @@ def test_nonfinite_batches_are_skipped_counted_and_reported(tmp_path, caplog):
             ]
     tracker.close()
 
+    # The CSV holds the statistics of the finite batches, not NaN or values polluted by the bad ones.
     table = pd.read_csv(savefile + ".csv", sep=";", index_col=0)
     assert np.isfinite(table.to_numpy()).all()
-
+    assert list(table.index) == list(range(len(EPOCHS)))
+    assert sorted(table.columns) == sorted(expected_table[0])
+    for epoch, row in enumerate(expected_table):
+        for key, value in row.items():
+            assert table.loc[epoch, key] == pytest.approx(value, rel=1e-6), (epoch, key)

@@ -21,6 +21,7 @@ from delve.pca_layers import (
     change_all_pca_layer_thresholds_and_inject_random_directions,
     rvs,
 )
+from tests.reference import OutputCapture, np_stats
 
 # ----------------------------------------------------------------- references
 
@@ -468,6 +469,12 @@ def test_state_dict_restores_a_fitted_layer_without_data(inject):
     if inject:
         layer.inject_random_directions(random_state=3)
     expected = layer(x)
+    if not inject:  # the uncentred eigenspace of the training rows, by the numpy reference
+        train_rows = np.concatenate([b.double().numpy() for b in batches(rows, 50)])
+        _, _, vectors, k = ref_pca(train_rows, False, 0.9)
+        assert layer.in_dim == k
+        basis = align_signs(vectors[:, :k], layer.components.numpy())
+        np.testing.assert_allclose(expected.double().numpy(), ref_project(x.numpy(), 0.0, basis, False), atol=2e-4)
 
     fresh = LinearPCALayer(10, keepdim=False)  # default threshold and centering, never trained
     fresh.load_state_dict(roundtrip(layer.state_dict()))
@@ -505,9 +512,12 @@ def test_conv_state_dict_and_deepcopy_restore_the_layer():
     clone = copy.deepcopy(pending)
     pending(data[2:])
     clone(data[2:])
-    assert torch.equal(clone.eval()(data), pending.eval()(data))
+    out = clone.eval()(data)
+    assert torch.equal(out, pending.eval()(data))
     _, _, vectors, k = ref_pca(as_rows(data), False, 0.99)
     assert clone.in_dim == k
+    expected = to_images(ref_project(as_rows(data), 0.0, vectors[:, :k], True), 3, 4, 4)
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=0, atol=2e-4)
 
 
 # ----------------------------------------------------------------------- rvs
@@ -651,24 +661,14 @@ def test_tracker_on_a_model_with_a_pca_layer_matches_numpy(tmp_path):
     torch.manual_seed(0)
     rng = np.random.default_rng(16)
     model = nn.Sequential(nn.Linear(6, 10), LinearPCALayer(10, threshold=0.9), nn.Linear(10, 4))
-    captured = {}
-
-    def keep(name):
-        def hook(module, inputs, output):
-            mode = "train" if module.training else "eval"
-            captured.setdefault((name, mode), []).append(output.detach().double().numpy())
-
-        return hook
-
-    for name in ("0", "1", "2"):
-        model.get_submodule(name).register_forward_hook(keep(name))
+    capture = OutputCapture({name: model.get_submodule(name) for name in ("0", "1", "2")})
     savefile = str(tmp_path / "run")
     tracker = CheckLayerSat(savefile, "csv", model, stats=["lsat", "idim", "trc"], sat_threshold=0.99)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     source = LowRank(rng, 6, [3.0, 2.0, 1.0, 0.5, 0.2])
     expected = []
     for _epoch in range(2):
-        captured.clear()
+        capture.clear()
         model.train()
         for _ in range(3):
             x = torch.tensor(source(32), dtype=torch.float32)
@@ -683,24 +683,24 @@ def test_tracker_on_a_model_with_a_pca_layer_matches_numpy(tmp_path):
         tracker.add_saturations()
 
         # The PCA layer projected the eval data on the eigenspace of this epoch's training data.
-        mu, _, vectors, k = ref_pca(np.concatenate(captured[("0", "train")]), True, 0.9)
+        captured = {key: np.concatenate(arrays) for key, arrays in capture.outputs.items()}
+        mu, _, vectors, k = ref_pca(captured[("0", "train")], True, 0.9)
         assert model[1].in_dim == k < 6
-        projected = ref_project(np.concatenate(captured[("0", "eval")]), mu, vectors[:, :k], True)
-        np.testing.assert_allclose(np.concatenate(captured[("1", "eval")]), projected, atol=1e-4)
+        projected = ref_project(captured[("0", "eval")], mu, vectors[:, :k], True)
+        np.testing.assert_allclose(captured[("1", "eval")], projected, atol=1e-4)
 
         row = {}
         for mode in ("train", "eval"):
             for name in ("0", "2"):
-                rows = np.concatenate(captured[(name, mode)])
-                cov = np.cov(rows, rowvar=False, bias=True)
-                idim = ref_idim(np.sort(np.linalg.eigvalsh(cov))[::-1], 0.99)
-                row[f"{mode}-saturation_{name}"] = idim / rows.shape[1]
-                row[f"{mode}-intrinsic-dimensionality_{name}"] = idim
-                row[f"{mode}-covariance-trace_{name}"] = np.trace(cov)
+                ref = np_stats(captured[(name, mode)], 0.99)
+                row[f"{mode}-saturation_{name}"] = ref["lsat"]
+                row[f"{mode}-intrinsic-dimensionality_{name}"] = ref["idim"]
+                row[f"{mode}-covariance-trace_{name}"] = ref["trc"]
         expected.append(row)
         # After the PCA layer, eval data has at most k directions.
         assert row["eval-intrinsic-dimensionality_2"] <= k
     tracker.close()
+    capture.remove()
 
     table = pd.read_csv(savefile + ".csv", sep=";", index_col=0)
     assert list(table.index) == [0, 1]

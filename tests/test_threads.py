@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from delve import CheckLayerSat
+from tests.reference import np_cov, rel_err
 
 THREADS = 4
 BATCHES = 6
@@ -45,10 +46,6 @@ def _run_threads(model: nn.Module) -> None:
     assert not errors, errors
 
 
-def _np_cov(rows: np.ndarray) -> np.ndarray:
-    return np.cov(rows, rowvar=False, bias=True)
-
-
 def test_concurrent_forwards_give_the_covariance_of_all_samples(tmp_path):
     model = _model()
     captured = {"0": [], "2": []}
@@ -71,9 +68,9 @@ def test_concurrent_forwards_give_the_covariance_of_all_samples(tmp_path):
         for name, outputs in captured.items():
             rows = np.concatenate(outputs)
             assert rows.shape[0] == THREADS * BATCHES * 32
-            expected = _np_cov(rows)
+            expected = np_cov(rows)
             got = values[f"train-covariance-matrix_{name}"]
-            assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-6
+            assert rel_err(got, expected) < 1e-6
             assert np.isclose(values[f"train-covariance-trace_{name}"], np.trace(expected), rtol=1e-6)
             outputs.clear()
     tracker.close()

@@ -40,10 +40,17 @@ def test_bad_arguments_raise_value_error(kwargs, pattern):
         make(**kwargs)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-def test_unavailable_cuda_device_is_refused_at_construction():
+def test_unavailable_cuda_device_is_refused_at_construction(monkeypatch):
+    # Runs on every machine: CUDA is made to look absent (or too small) rather than skipped where present.
+    layer = nn.Linear(2, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"'cuda:0' was asked for but CUDA is not available"):
-        make(device="cuda:0")
+        make(device="cuda:0", modules=layer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"'cuda:3' does not exist: 1 CUDA device\(s\) are visible"):
+        make(device="cuda:3", modules=layer)
+    assert not layer._forward_hooks
 
 
 def test_unknown_writer_key_and_writer_args(tmp_path):
