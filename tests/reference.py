@@ -14,10 +14,25 @@ def np_cov(rows) -> np.ndarray:
     return np.atleast_2d(np.cov(rows, rowvar=False, bias=True))
 
 
+def np_eigenvalues(cov) -> np.ndarray:
+    """Eigenvalues of a covariance matrix, largest first, negatives clamped to 0."""
+    return np.clip(np.sort(np.linalg.eigvalsh(np.asarray(cov, dtype=np.float64)))[::-1], 0, None)
+
+
+def np_effective_rank(cov) -> float:
+    """exp of the entropy of the normalised eigenvalues (0 for a zero matrix)."""
+    eig = np_eigenvalues(cov)
+    if eig.sum() <= 0:
+        return 0.0
+    p = eig / eig.sum()
+    p = p[p > 0]
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
 def np_stats(rows, thresh: float = 0.99) -> dict:
     """idim, lsat, trc, dtrc, det of the rows' covariance, by the rule of SPEC §5."""
     cov = np_cov(rows)
-    eig = np.clip(np.sort(np.linalg.eigvalsh(cov))[::-1], 0, None)
+    eig = np_eigenvalues(cov)
     total = eig.sum()
     if total <= 0:
         idim = 0
@@ -46,6 +61,21 @@ def conv_rows(out: np.ndarray, method: str) -> np.ndarray:
     if method == "median":  # the lower median, as torch.median
         return np.take(np.sort(pooled, axis=-1), (pooled.shape[-1] - 1) // 2, axis=-1)
     return {"mean": pooled.mean(-1), "max": pooled.max(-1)}[method]
+
+
+def recurrent_rows(out, batch_first: bool, method: str) -> np.ndarray:
+    """Rows of a recurrent layer's output by SPEC §3, computed on the test's own copy of it."""
+    if isinstance(out, torch.nn.utils.rnn.PackedSequence):
+        padded, lengths = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        padded = padded.detach().double().numpy()
+        if method == "last_timestep":
+            return np.stack([padded[i, n - 1] for i, n in enumerate(lengths.tolist())])
+        return np.concatenate([padded[i, :n] for i, n in enumerate(lengths.tolist())])
+    if not batch_first:
+        out = np.swapaxes(out, 0, 1)
+    if method == "last_timestep":
+        return out[:, -1]
+    return out.reshape(-1, out.shape[-1])
 
 
 def rel_err(a, b) -> float:
@@ -85,3 +115,25 @@ class OutputCapture:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+
+def recording_tracker(base: type, epochs: list) -> type:
+    """Return a subclass of the tracker class ``base`` that keeps what its layers output.
+
+    At each ``add_saturations()`` it appends to ``epochs`` the raw outputs (per layer and
+    mode, as :class:`OutputCapture` holds them) its layers gave since the previous one.
+    Patched in where a script builds its tracker, it lets a test check the script's
+    files against numpy on exactly the rows the tracker saw.
+    """
+
+    class Recording(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.capture = OutputCapture(dict(self.layers))
+
+        def add_saturations(self, save=True):
+            epochs.append(dict(self.capture.outputs))
+            self.capture.clear()
+            return super().add_saturations(save)
+
+    return Recording

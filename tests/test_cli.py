@@ -19,7 +19,7 @@ from torch import nn
 
 from delve import CheckLayerSat
 from delve.cli import main, summarize
-from tests.reference import OutputCapture, conv_rows, np_cov, np_stats
+from tests.reference import OutputCapture, conv_rows, np_cov, np_effective_rank, np_stats, recording_tracker
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,12 +48,6 @@ def assert_one_line_error(done, *fragments):
     assert "error" in lines[0]
     for fragment in fragments:
         assert fragment in lines[0]
-
-
-def np_erank(cov):
-    eig = np.clip(np.linalg.eigvalsh(cov), 0, None)
-    p = eig[eig > 0] / eig.sum()
-    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 @pytest.fixture(autouse=True)
@@ -134,7 +128,7 @@ def test_summary_csv_matches_numpy(tracked_run):
         assert row.trc == pytest.approx(ref["trc"], rel=1e-6)
         # Float32 products leave ~1e-7 of the trace on the zero eigenvalues of the
         # low-rank layers, and p·log p is steep at 0: a looser bound than for trc.
-        assert row.erank == pytest.approx(np_erank(np_cov(rows)), rel=1e-5)
+        assert row.erank == pytest.approx(np_effective_rank(np_cov(rows)), rel=1e-5)
         expected_flag = "low" if ref["lsat"] < 0.1 else "high" if ref["lsat"] > 0.9 else ""
         assert (row.flag if isinstance(row.flag, str) else "") == expected_flag
     # The summary shows aux at the last epoch it ran in, 0, not the last row of the file.
@@ -180,7 +174,7 @@ def test_summarize_at_a_given_epoch(tracked_run):
             assert row.idim == ref["idim"]
             assert row.lsat == pytest.approx(ref["lsat"])
             assert row.trc == pytest.approx(ref["trc"], rel=1e-6)
-            assert row.erank == pytest.approx(np_erank(ref["cov"]), rel=1e-5)
+            assert row.erank == pytest.approx(np_effective_rank(ref["cov"]), rel=1e-5)
         trc = summary.set_index(["layer", "mode"]).loc[("full", "train"), "trc"]
         other = np_stats(epoch_rows[(2, "full", "train")])["trc"]
         assert abs(trc - other) > 1e-3 * other, "the epochs must differ for this test to mean something"
@@ -212,22 +206,12 @@ def test_demo_values_match_numpy(tmp_path, monkeypatch, capsys):
 
     epochs, draws = [], []  # per epoch: (layer, mode) -> raw outputs; every (images, labels) drawn
 
-    class Recording(CheckLayerSat):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.capture = OutputCapture(dict(self.layers))
-
-        def add_saturations(self, save=True):
-            epochs.append(dict(self.capture.outputs))
-            self.capture.clear()
-            return super().add_saturations(save)
-
     def recorded_images(*args, **kwargs):
         draws.append(real_images(*args, **kwargs))
         return draws[-1]
 
     real_images = delve.demo.synthetic_images
-    monkeypatch.setattr(delve.demo, "CheckLayerSat", Recording)
+    monkeypatch.setattr(delve.demo, "CheckLayerSat", recording_tracker(CheckLayerSat, epochs))
     monkeypatch.setattr(delve.demo, "synthetic_images", recorded_images)
     savefile = tmp_path / "demo"
     batches = 2

@@ -13,10 +13,10 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 import delve
-from tests.reference import OutputCapture, conv_rows, np_stats
+from tests.reference import conv_rows, np_stats, recording_tracker, recurrent_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
@@ -26,18 +26,9 @@ def run_example(monkeypatch, capsys, script, *args):
     """Run ``examples/SCRIPT ARGS`` as ``__main__``; return its stdout and, per epoch, the layers' raw outputs."""
     epochs = []  # per add_saturations(): (layer, mode) -> outputs our hooks saw since the last one
 
-    class Recording(delve.CheckLayerSat):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.capture = OutputCapture(dict(self.layers))
-
-        def add_saturations(self, save=True):
-            epochs.append(dict(self.capture.outputs))
-            self.capture.clear()
-            return super().add_saturations(save)
-
     path = os.path.join(ROOT, "examples", script)
-    monkeypatch.setattr(delve, "CheckLayerSat", Recording)  # what the script's `from delve import` gets
+    # What the script's `from delve import CheckLayerSat` gets.
+    monkeypatch.setattr(delve, "CheckLayerSat", recording_tracker(delve.CheckLayerSat, epochs))
     monkeypatch.setattr(sys, "argv", [path, *args])
     runpy.run_path(path, run_name="__main__")
     return capsys.readouterr().out, epochs
@@ -83,11 +74,7 @@ def test_cifar_example_runs_on_synthetic_data(tmp_path, monkeypatch, capsys):
 
 def valid_steps(out):
     """Rows of a layer output by SPEC §3 ``timestepwise``: every valid step of a packed sequence."""
-    if not isinstance(out, PackedSequence):
-        return out
-    padded, lengths = pad_packed_sequence(out, batch_first=True)
-    padded = padded.detach().double().numpy()
-    return np.concatenate([padded[i, :n] for i, n in enumerate(lengths.tolist())])
+    return recurrent_rows(out, True, "timestepwise") if isinstance(out, PackedSequence) else out
 
 
 def test_lstm_example_runs_on_packed_variable_length_sequences(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from delve import CheckLayerSat
-from tests.reference import OutputCapture, conv_rows, np_stats
+from tests.reference import OutputCapture, conv_rows, np_stats, recurrent_rows
 
 THRESH = 0.9
 EPOCHS = 3
@@ -249,21 +249,6 @@ class Packed(nn.Module):
     def forward(self, x):
         packed = pack_padded_sequence(x, torch.tensor(LENGTHS), batch_first=self.batch_first, enforce_sorted=False)
         return self.layer(packed)
-
-
-def recurrent_rows(out, batch_first: bool, method: str) -> np.ndarray:
-    """Rows by SPEC §3, computed on our own copy of the output."""
-    if isinstance(out, nn.utils.rnn.PackedSequence):
-        padded, lengths = pad_packed_sequence(out, batch_first=True)
-        padded = padded.detach().double().numpy()
-        if method == "last_timestep":
-            return np.stack([padded[i, n - 1] for i, n in enumerate(lengths.tolist())])
-        return np.concatenate([padded[i, :n] for i, n in enumerate(lengths.tolist())])
-    if not batch_first:
-        out = np.swapaxes(out, 0, 1)
-    if method == "last_timestep":
-        return out[:, -1]
-    return out.reshape(-1, out.shape[-1])
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

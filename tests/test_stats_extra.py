@@ -10,27 +10,14 @@ from torch import nn
 
 from delve import CheckLayerSat, metrics
 from delve.metrics import compute_effective_rank, compute_participation_ratio, compute_spectrum
-from tests.reference import OutputCapture, np_cov
+from tests.reference import OutputCapture, np_cov, np_effective_rank, np_eigenvalues
 
 MODES = ("train", "eval")
-
-
-def np_eigenvalues(cov) -> np.ndarray:
-    return np.clip(np.sort(np.linalg.eigvalsh(np.asarray(cov, dtype=np.float64)))[::-1], 0, None)
 
 
 def np_spectrum(cov, k) -> np.ndarray:
     eig = np_eigenvalues(cov)[:k]
     return np.concatenate([eig, np.zeros(k - len(eig))])
-
-
-def np_effective_rank(cov) -> float:
-    eig = np_eigenvalues(cov)
-    if eig.sum() <= 0:
-        return 0.0
-    p = eig / eig.sum()
-    p = p[p > 0]
-    return float(np.exp(-np.sum(p * np.log(p))))
 
 
 def np_participation_ratio(cov) -> float:
