@@ -39,9 +39,12 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from delve import CheckLayerSat  # noqa: E402
-from delve import covariance as covariance_module  # noqa: E402
-from delve.activations import to_data_matrix  # noqa: E402
+from delve import (
+    CheckLayerSat,  # noqa: E402
+    gram,  # noqa: E402
+)
+from delve.layers import to_data_matrix  # noqa: E402
+from delve.recorder import Recorder  # noqa: E402
 
 # ----------------------------------------------------------------------------- models
 
@@ -208,15 +211,16 @@ def _eigh_pass(covariances: List[torch.Tensor]) -> None:
 
 
 def _tracker_bytes(tracker: CheckLayerSat) -> int:
-    total = 0
-    for state in tracker._state.values():
-        total += sum(t.numel() * t.element_size() for t in vars(state.cov).values() if torch.is_tensor(t))
-    return total
+    return sum(acc.nbytes for acc in _accumulators(tracker))
+
+
+def _accumulators(tracker: CheckLayerSat):
+    return [tracker.accumulator(name, mode) for name in tracker.layers for mode in tracker.config.modes]
 
 
 def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: int, epoch_repeats: int) -> Dict:
     """Benchmark one model; return a dict of the measured quantities (seconds, bytes)."""
-    covariance_module.release_workspace()  # the workspace is per process: count this case's only
+    gram.release_workspace()  # the workspace is per process: count this case's only
     case = make_case(name, device)
     tracked_model = case["model"].to(device)
     plain_model = copy.deepcopy(tracked_model)
@@ -236,14 +240,14 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
     # kernel launches, so it is measured on the CPU alone.
     hook_time = [0.0]
     if device.type == "cpu":
-        record = tracker._record
+        record = Recorder.record
 
         def timed_record(*args):
             start = time.perf_counter()
             record(*args)
             hook_time[0] += time.perf_counter() - start
 
-        tracker._record = timed_record
+        Recorder.record = timed_record  # only the tracked model has hooks: they alone are timed
 
     # The forward pass timed apart (CPU only, like the hooks): whether tracking slows the
     # rest of the step too (through the caches, say) or only the forward pass it hooks.
@@ -264,7 +268,7 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         step("tracked")
     _sync(device)
     # Covariances of the real activations, for the eigh reference.
-    covariances = [s.cov.fix() for s in tracker._state.values() if s.cov.dim is not None]
+    covariances = [acc.fix() for acc in _accumulators(tracker) if acc.dim is not None]
     tracker.add_saturations()
     matrices = _data_matrices(tracked_model, tracker, x)
     if max(c.shape[0] for c in covariances) > 1024:
@@ -301,6 +305,7 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
             times["epoch"].append(_timed(lambda: tracker.add_saturations(), device))
             times["eigh"].append(_timed(lambda: _eigh_pass(covariances), device))
     tracker.close()
+    Recorder.record = record if device.type == "cpu" else Recorder.record
 
     med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     # Differences within a round, where both kinds ran within seconds of each other, cancel the
@@ -330,7 +335,7 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         accumulator_bytes=_tracker_bytes(tracker),
         # While a batch is merged: its Gram matrix (float64 once summed over row blocks).
         transient_bytes=8 * max(c.shape[0] for c in covariances) ** 2,
-        workspace_bytes=covariance_module.workspace_bytes() if device.type == "cpu" else 0,
+        workspace_bytes=gram.workspace_bytes() if device.type == "cpu" else 0,
         steps_per_kind=len(times["plain"]),
     )
     if device.type == "cuda":

@@ -1,93 +1,73 @@
-"""Turn a layer's output into a data matrix: one row per sample, one column per feature."""
+"""The rules that turn a layer's output into rows of a data matrix (SPEC §3), one per kind of layer.
+
+A rule receives the layer, what its forward returned, the tracker's :class:`RowOptions`
+and an optional ``limit`` on the samples of the batch dimension, and returns the rows as
+a ``(..., features)`` tensor (every index of the leading dimensions is a row; a view
+wherever the layout allows) together with the number of samples they cover. Which rule
+a layer type gets is declared in :mod:`delve.layers`.
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from delve.layers import CONV_TYPES, RECURRENT_TYPES
+__all__ = [
+    "CONV_METHODS",
+    "INTERPOLATION_MODES",
+    "TIMESERIES_METHODS",
+    "RowOptions",
+    "conv_data_matrix",
+    "conv_rows",
+    "dense_rows",
+    "first_rows",
+    "recurrent_rows",
+]
 
 CONV_METHODS = ("channelwise", "mean", "max", "median", "flatten")
 TIMESERIES_METHODS = ("last_timestep", "timestepwise")
 INTERPOLATION_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear", "area")
 _LINEAR_BY_RANK = {1: "linear", 2: "bilinear", 3: "trilinear"}
+Rows = Tuple[torch.Tensor, int]
 
 
-def to_data_matrix(
-    module: nn.Module,
-    output,
-    conv_method: str = "channelwise",
-    timeseries_method: str = "last_timestep",
-    interpolation_strategy: Optional[str] = None,
-    interpolation_downsampling: int = 32,
-    limit: Optional[int] = None,
-) -> Tuple[torch.Tensor, int]:
-    """Reshape a layer output into a ``(rows, features)`` matrix (SPEC §3).
+@dataclass(frozen=True)
+class RowOptions:
+    """How outputs become rows: the tracker's ``conv_method``, ``timeseries_method`` and interpolation."""
 
-    Parameters
-    ----------
-    module : nn.Module
-        The layer that produced ``output``; its type picks the rule.
-    output : torch.Tensor or tuple
-        What the layer's forward returned.
-    conv_method, timeseries_method, interpolation_strategy, interpolation_downsampling
-        As for :class:`delve.CheckLayerSat`.
-    limit : int, optional
-        Keep at most this many samples of the batch dimension (``max_samples``).
+    conv_method: str = "channelwise"
+    timeseries_method: str = "last_timestep"
+    interpolation_strategy: Optional[str] = None
+    interpolation_downsampling: Optional[int] = 32
 
-    Returns
-    -------
-    (torch.Tensor, int)
-        The data matrix (a view wherever the layout allows) and the number of samples
-        of the batch dimension it covers.
 
-    """
-    rows, batch = to_data_rows(
-        module, output, conv_method, timeseries_method, interpolation_strategy, interpolation_downsampling, limit
+def dense_rows(module: nn.Module, output: Any, options: RowOptions, limit: Optional[int] = None) -> Rows:
+    """Rows of a dense layer: ``(B, F)`` as is, ``(B, T, F)`` by ``timeseries_method``, more dims flattened."""
+    return _dense(output, options.timeseries_method, limit)
+
+
+def conv_rows(module: nn.Module, output: Any, options: RowOptions, limit: Optional[int] = None) -> Rows:
+    """Rows of a convolution's feature map by ``conv_method``, after the optional interpolation."""
+    return _convolution_rows(
+        output,
+        options.conv_method,
+        options.interpolation_strategy,
+        options.interpolation_downsampling,
+        limit,
+        len(module.kernel_size),
     )
-    return rows.reshape(-1, rows.shape[-1]), batch
 
 
-def to_data_rows(
-    module: nn.Module,
-    output,
-    conv_method: str = "channelwise",
-    timeseries_method: str = "last_timestep",
-    interpolation_strategy: Optional[str] = None,
-    interpolation_downsampling: int = 32,
-    limit: Optional[int] = None,
-) -> Tuple[torch.Tensor, int]:
-    """Return the rows of a layer's data matrix as a ``(..., features)`` tensor, without copying.
+def recurrent_rows(module: nn.Module, output: Any, options: RowOptions, limit: Optional[int] = None) -> Rows:
+    """Rows of a recurrent layer's output sequence (``batch_first`` and ``PackedSequence`` honoured)."""
+    sequence = output[0] if isinstance(output, tuple) else output
+    return _recurrent(sequence, module.batch_first, options.timeseries_method, limit)
 
-    The same rows as :func:`to_data_matrix`, but the leading dimensions are not
-    flattened: the channelwise rows of a ``(B, C, H, W)`` map are ``(B, H, W, C)``,
-    a view, where a flat matrix would cost a transposing copy of the whole output.
-    :meth:`delve.TorchCovarianceMatrix.update_rows` takes such a tensor.
-
-    Parameters
-    ----------
-    module, output, conv_method, timeseries_method, interpolation_strategy, interpolation_downsampling, limit
-        As for :func:`to_data_matrix`.
-
-    Returns
-    -------
-    (torch.Tensor, int)
-        The rows (at least two dimensions) and the number of samples of the batch
-        dimension they cover.
-
-    """
-    if isinstance(module, RECURRENT_TYPES):
-        sequence = output[0] if isinstance(output, tuple) else output
-        return _recurrent(sequence, module.batch_first, timeseries_method, limit)
-    if isinstance(module, CONV_TYPES):
-        return _convolution_rows(
-            output, conv_method, interpolation_strategy, interpolation_downsampling, limit, len(module.kernel_size)
-        )
-    return _dense(output, timeseries_method, limit)
 
 
 def _dense(x: torch.Tensor, timeseries_method: str, limit: Optional[int]):
@@ -109,7 +89,7 @@ def conv_data_matrix(
     limit: Optional[int],
     spatial_rank: Optional[int] = None,
 ) -> Tuple[torch.Tensor, int]:
-    """Apply the convolution rule of :func:`to_data_matrix` to a feature map, without a layer.
+    """Apply the convolution rule to a feature map without a layer, as a ``(rows, features)`` matrix.
 
     Parameters
     ----------

@@ -18,11 +18,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from delve.metrics import SCALAR_STATS
+from delve.keys import MODES, parse_key
+from delve.metrics import get_stat, registered_stats
+from delve.table import read_table, stat_groups, write_table
+from delve.validation import check_fraction
 
 logger = logging.getLogger(__name__)
 
-MODES = ("train", "eval")
 DEFAULT_LOW = 0.1
 DEFAULT_HIGH = 0.9
 
@@ -64,9 +66,6 @@ def load_run_csv(path: str) -> pd.DataFrame:
         writer's output.
 
     """
-    from delve.plotting import read_table  # matplotlib is imported by the drawing functions only
-    from delve.writers.base import parse_key
-
     if os.path.isdir(path):
         raise CommandError(f"{path} is a folder, not a CSV file")
     if not os.path.exists(path):
@@ -77,7 +76,7 @@ def load_run_csv(path: str) -> pd.DataFrame:
         raise CommandError(f"{path} is not a CSV written by delve's csv writer: {_one_line(err)}") from None
     except OSError as err:
         raise CommandError(f"cannot read {path}: {err.strerror or err}") from None
-    if not any(parse_key(str(column)) for column in table.columns):
+    if not any(parse_key(column) for column in table.columns):
         raise CommandError(
             f"{path} has no statistics column (named like 'train-saturation_LAYER'): "
             "it was not written by delve's csv writer"
@@ -98,8 +97,6 @@ def load_run_csv(path: str) -> pd.DataFrame:
 
 def layer_columns(columns: Sequence[str]) -> Dict[Tuple[str, str], Dict[str, str]]:
     """Group per-layer scalar columns: ``(mode, layer) -> {short stat: column}``, layers in tracking order."""
-    from delve.plotting import stat_groups
-
     groups: Dict[Tuple[str, str], Dict[str, str]] = {}
     for (stat, mode), pairs in stat_groups(columns).items():
         for layer, column in pairs:
@@ -133,7 +130,7 @@ def summarize(
     groups = layer_columns(table.columns)
     present = {stat for columns in groups.values() for stat in columns}
     stats = [s for s in ("lsat", "idim") if s in present] + [
-        s for s in SCALAR_STATS if s in present and s not in ("lsat", "idim")
+        s.name for s in registered_stats() if s.name in present and s.name not in ("lsat", "idim")
     ]
     rows = []
     for mode in MODES:
@@ -161,13 +158,7 @@ def summarize(
 
 
 def _format_value(stat: str, value) -> str:
-    if pd.isna(value):
-        return "-"
-    if stat == "idim":
-        return str(int(value))
-    if stat == "lsat":
-        return f"{value:.3f}"
-    return f"{value:.4g}"
+    return "-" if pd.isna(value) else get_stat(stat).format(value)
 
 
 def _text_table(frame: pd.DataFrame) -> str:
@@ -279,8 +270,10 @@ def _recompute(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.npydir):
         what = "is a file, not a folder" if os.path.exists(args.npydir) else "does not exist"
         raise CommandError(f"npy folder {args.npydir} {what}")
-    if args.thresh is not None and not 0 < args.thresh <= 1:
-        raise CommandError(f"--thresh must lie in (0, 1], got {args.thresh}")
+    try:
+        check_fraction("--thresh", args.thresh, allow_none=True)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     savefile = None
     if args.output is not None:
         savefile = args.output[: -len(".csv")] if args.output.endswith(".csv") else args.output
@@ -288,7 +281,6 @@ def _recompute(args: argparse.Namespace) -> int:
         if folder and not os.path.isdir(folder):
             raise CommandError(f"output folder {folder} does not exist")
     from delve.tools import reconstruct_csv_from_npy_data
-    from delve.writers.csv_writer import write_table
 
     try:
         table = reconstruct_csv_from_npy_data(args.npydir, savefile=savefile, thresh=args.thresh, stats=args.stats)

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional, TextIO
 
 from tqdm import tqdm
 
-from delve.writers.base import parse_key
+from delve.keys import parse_key
 
 __all__ = ["SaturationBars"]
 
@@ -23,16 +23,10 @@ def bar_label(key: str) -> Optional[str]:
     ``linear1 (eval)``, and ``average-train-sat`` as ``average``.
     """
     parsed = parse_key(key)
-    if parsed is None:
+    if parsed is None or parsed.stat != "lsat":
         return None
-    mode, stat, layer = parsed
-    if stat == "average-sat":
-        name = "average"
-    elif stat == "saturation":
-        name = layer
-    else:
-        return None
-    return name if mode == "train" else f"{name} ({mode})"
+    name = "average" if parsed.is_average else parsed.layer
+    return name if parsed.mode == "train" else f"{name} ({parsed.mode})"
 
 
 class SaturationBars:

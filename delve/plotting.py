@@ -16,8 +16,13 @@ File names (``stat`` is the short stat name, e.g. ``lsat``; ``mode`` is ``train`
 
 * ``{savefile}_{stat}_{mode}_epoch_{epoch}.png`` — one bar per layer, in tracking order;
 * ``{savefile}_{stat}_{mode}_history.png`` — heatmap, layers × epochs;
-* ``{savefile}_spectrum_{mode}_epoch_{epoch}.png`` — leading eigenvalues, one panel per layer;
-* ``{savefile}_embed_{mode}_epoch_{epoch}.png`` — embedded samples, one scatter per layer.
+* ``{savefile}_{stat}_{mode}_epoch_{epoch}.png`` for a vector statistic (``spectrum``: the
+  leading eigenvalues) — one bar panel per layer;
+* ``{savefile}_{stat}_{mode}_epoch_{epoch}.png`` for samples (``embed``) — one scatter per layer.
+
+What is drawn, and how a value is shown, comes from each statistic's declaration
+(:class:`delve.metrics.Statistic`): statistics added with :func:`delve.metrics.register_stat`
+are drawn like the built-in ones.
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ import numpy as np
 import pandas as pd
 
 from delve._files import atomic_path
-from delve.metrics import SCALAR_STATS, STATMAP
-from delve.writers.base import parse_key
-from delve.writers.csv_writer import read_table
+from delve.keys import average_key, parse_key
+from delve.metrics import get_stat
+from delve.table import read_table, stat_groups
 
 if TYPE_CHECKING:  # matplotlib is imported on first use: plain tracking never pays for it
     from matplotlib.axes import Axes
@@ -53,6 +58,7 @@ __all__ = [
     "plot_history",
     "plot_spectra",
     "plot_table",
+    "plot_vectors",
     "read_table",
     "spectrum_figure",
     "stat_groups",
@@ -66,7 +72,6 @@ ANNOTATE_CELLS = 150
 #: Above this many layers the per-epoch bars carry no value labels.
 LABEL_BARS = 40
 
-_SHORT_NAME = {long: short for short, long in STATMAP.items()}
 AxesFunc = Optional[Callable[["Axes"], Optional["Axes"]]]
 
 
@@ -100,30 +105,9 @@ def check_plot_options(fontsize=DEFAULT_FONTSIZE, figsize=DEFAULT_FIGSIZE, prima
     return float(fontsize), (float(width), float(height))
 
 
-def stat_groups(columns: Iterable[str]) -> OrderedDict[Tuple[str, str], List[Tuple[str, str]]]:
-    """Group per-layer scalar columns by ``(short stat, mode)``, layers in column (tracking) order.
-
-    Returns
-    -------
-    OrderedDict
-        ``(stat, mode) -> [(layer, column), ...]``; averages and user scalars are left out.
-
-    """
-    groups: OrderedDict[Tuple[str, str], List[Tuple[str, str]]] = OrderedDict()
-    for column in columns:
-        parsed = parse_key(str(column))
-        if parsed is None or parsed[2] is None:
-            continue
-        mode, long_name, layer = parsed
-        stat = _SHORT_NAME[long_name]
-        if stat in SCALAR_STATS:
-            groups.setdefault((stat, mode), []).append((layer, column))
-    return groups
-
-
 def _check_primary(table: pd.DataFrame, primary_metric: Optional[str]) -> None:
     if primary_metric is not None and primary_metric not in table.columns:
-        users = [c for c in table.columns if parse_key(str(c)) is None]
+        users = [c for c in table.columns if parse_key(c) is None]
         raise ValueError(f"primary_metric {primary_metric!r} is not a column of the table; user scalars are {users}")
 
 
@@ -164,7 +148,7 @@ def _save(figure: Figure, path: str) -> str:
 
 
 def _long_label(stat: str) -> str:
-    return STATMAP[stat].replace("-", " ")
+    return get_stat(stat).label
 
 
 def epoch_figure(
@@ -219,16 +203,17 @@ def epoch_figure(
     ax.tick_params(axis="y", labelsize=fontsize)
     ax.set_xlabel("layer", fontsize=fontsize)
     ax.set_ylabel(_long_label(stat), fontsize=fontsize)
-    if stat == "lsat":
-        ax.set_ylim(0.0, 1.0)
-        average_column = f"average-{mode}-sat"
-        if average_column in table.columns and not pd.isna(table.at[epoch, average_column]):
-            average = float(table.at[epoch, average_column])
-            ax.axhline(average, color="black", linestyle="--", linewidth=1, label=f"average {average:.2f}")
-            ax.legend(fontsize=fontsize)
+    statistic = get_stat(stat)
+    if statistic.limits is not None:
+        ax.set_ylim(*statistic.limits)
+    average_column = average_key(mode)
+    if average_column.stat == stat and average_column in table.columns and not pd.isna(table.at[epoch, average_column]):
+        average = float(table.at[epoch, average_column])
+        ax.axhline(average, color="black", linestyle="--", linewidth=1, label=f"average {statistic.format(average)}")
+        ax.legend(fontsize=fontsize)
     if len(layers) <= LABEL_BARS:
-        fmt = "{:.2f}" if stat == "lsat" else ("{:.0f}" if stat == "idim" else "{:.3g}")
-        ax.bar_label(bars, labels=[fmt.format(v) if math.isfinite(v) else "" for v in values], fontsize=fontsize * 0.8)
+        labels = [statistic.format(v) if math.isfinite(v) else "" for v in values]
+        ax.bar_label(bars, labels=labels, fontsize=fontsize * 0.8)
     title = f"{_long_label(stat)} ({mode}), epoch {epoch}"
     primary = _primary_text(table, primary_metric, epoch)
     ax.set_title(f"{title} — {primary}" if primary else title, fontsize=fontsize * 1.2)
@@ -278,7 +263,8 @@ def history_figure(
 
     figure = _new_figure(figsize)
     ax = figure.add_subplot()
-    limits = {"vmin": 0.0, "vmax": 1.0} if stat == "lsat" else {}
+    statistic = get_stat(stat)
+    limits = {} if statistic.limits is None else dict(zip(("vmin", "vmax"), statistic.limits))
     image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", interpolation="nearest", cmap="viridis", **limits)
     colorbar = figure.colorbar(image, ax=ax)
     colorbar.set_label(_long_label(stat), fontsize=fontsize)
@@ -293,12 +279,11 @@ def history_figure(
     ax.set_xlabel("epoch", fontsize=fontsize)
     ax.set_ylabel("layer", fontsize=fontsize)
     if matrix.size <= ANNOTATE_CELLS:
-        fmt = "{:.2f}" if stat == "lsat" else ("{:.0f}" if stat == "idim" else "{:.2g}")
         finite = matrix[np.isfinite(matrix)]
         middle = (limits.get("vmin", finite.min()) + limits.get("vmax", finite.max())) / 2 if finite.size else 0
         for (row, col), value in np.ndenumerate(matrix):
             if math.isfinite(value):
-                ax.text(col, row, fmt.format(value), ha="center", va="center", fontsize=fontsize * 0.7,
+                ax.text(col, row, statistic.format(value), ha="center", va="center", fontsize=fontsize * 0.7,
                         color="black" if value > middle else "white")
     title = f"{_long_label(stat)} ({mode}) per layer and epoch"
     primary = _primary_text(table, primary_metric, epochs[-1]) if epochs else ""
@@ -312,13 +297,12 @@ def _panel_grid(count: int) -> Tuple[int, int]:
     return int(math.ceil(count / cols)), cols
 
 
-def _by_mode(values: Mapping[str, np.ndarray]) -> OrderedDict[str, OrderedDict[str, np.ndarray]]:
-    grouped: OrderedDict[str, OrderedDict[str, np.ndarray]] = OrderedDict()
-    for key, value in values.items():
-        parsed = parse_key(key)
-        if parsed is None or parsed[2] is None:
-            continue
-        grouped.setdefault(parsed[0], OrderedDict())[parsed[2]] = np.asarray(value)
+def _by_stat_and_mode(values: Mapping[str, np.ndarray]) -> OrderedDict[Tuple[str, str], OrderedDict[str, np.ndarray]]:
+    grouped: OrderedDict[Tuple[str, str], OrderedDict[str, np.ndarray]] = OrderedDict()
+    for name, value in values.items():
+        key = parse_key(name)
+        if key is not None and not key.is_average:
+            grouped.setdefault((key.stat, key.mode), OrderedDict())[key.layer] = np.asarray(value)
     return grouped
 
 
@@ -342,8 +326,12 @@ def spectrum_figure(
     fontsize: float = DEFAULT_FONTSIZE,
     figsize: Sequence[float] = DEFAULT_FIGSIZE,
     plot_manipulation_func: AxesFunc = None,
+    stat: str = "spectrum",
 ) -> Figure:
-    """Draw the leading eigenvalues of each layer (``layer -> (k,) array``), one bar panel per layer.
+    """Draw a vector statistic of each layer (``layer -> (k,) array``), one bar panel per layer.
+
+    ``spectrum`` (the leading eigenvalues, largest first) is the built-in one; ``stat``
+    names another vector statistic for the title.
 
     Returns
     -------
@@ -358,7 +346,7 @@ def spectrum_figure(
         ax.set_xticks(np.arange(1, len(values) + 1))
         ax.set_xlabel("rank", fontsize=fontsize * 0.8)
 
-    return _panels(list(spectra), draw, f"leading eigenvalues ({mode}), epoch {epoch}", fontsize, figsize,
+    return _panels(list(spectra), draw, f"{_long_label(stat)} ({mode}), epoch {epoch}", fontsize, figsize,
                    plot_manipulation_func)
 
 
@@ -369,6 +357,7 @@ def embedding_figure(
     fontsize: float = DEFAULT_FONTSIZE,
     figsize: Sequence[float] = DEFAULT_FIGSIZE,
     plot_manipulation_func: AxesFunc = None,
+    stat: str = "embed",
 ) -> Figure:
     """Scatter each layer's samples (``layer -> (n, 2) array``) on its top two eigendirections.
 
@@ -385,8 +374,12 @@ def embedding_figure(
         ax.set_xlabel("1st eigendirection", fontsize=fontsize * 0.8)
         ax.set_ylabel("2nd eigendirection", fontsize=fontsize * 0.8)
 
-    return _panels(list(points), draw, f"samples in the top-2 eigenspace ({mode}), epoch {epoch}", fontsize,
-                   figsize, plot_manipulation_func)
+    return _panels(list(points), draw, f"{_long_label(stat)} in the top-2 eigenspace ({mode}), epoch {epoch}",
+                   fontsize, figsize, plot_manipulation_func)
+
+
+#: The per-layer picture of each non-scalar kind of statistic (matrices are not drawn).
+FIGURES = {"vector": spectrum_figure, "samples": embedding_figure}
 
 
 # ----------------------------------------------------------------- files
@@ -474,51 +467,35 @@ def plot_table(
     return paths
 
 
-def plot_spectra(
-    spectra: Mapping[str, np.ndarray],
+def plot_vectors(
+    values: Mapping[str, np.ndarray],
     savefile: str,
     epoch: int,
     fontsize: float = DEFAULT_FONTSIZE,
     figsize: Sequence[float] = DEFAULT_FIGSIZE,
     plot_manipulation_func: AxesFunc = None,
 ) -> List[str]:
-    """Write ``{savefile}_spectrum_{mode}_epoch_{epoch}.png`` from ``key -> (k,) array`` (tracker keys).
+    """Write ``{savefile}_{stat}_{mode}_epoch_{epoch}.png`` for the per-layer arrays of one epoch.
+
+    ``values`` maps tracker keys to arrays of vector statistics (``spectrum``) or samples
+    (``embed``); each statistic and mode gets one picture with a panel per layer, drawn
+    as :data:`FIGURES` says for its kind. Keys of other kinds are left out.
 
     Returns
     -------
     list of str
-        The paths written, one per mode.
+        The paths written.
 
     """
-    return _plot_per_mode("spectrum", spectrum_figure, spectra, savefile, epoch, fontsize, figsize,
-                          plot_manipulation_func)
-
-
-def plot_embeddings(
-    embeds: Mapping[str, np.ndarray],
-    savefile: str,
-    epoch: int,
-    fontsize: float = DEFAULT_FONTSIZE,
-    figsize: Sequence[float] = DEFAULT_FIGSIZE,
-    plot_manipulation_func: AxesFunc = None,
-) -> List[str]:
-    """Write ``{savefile}_embed_{mode}_epoch_{epoch}.png`` from ``key -> (n, 2) array`` (tracker keys).
-
-    Returns
-    -------
-    list of str
-        The paths written, one per mode.
-
-    """
-    return _plot_per_mode("embed", embedding_figure, embeds, savefile, epoch, fontsize, figsize,
-                          plot_manipulation_func)
-
-
-def _plot_per_mode(kind, make_figure, arrays, savefile, epoch, fontsize, figsize, plot_manipulation_func):
-    """Draw one picture per mode of per-layer arrays: ``{savefile}_{kind}_{mode}_epoch_{epoch}.png``."""
     paths = []
-    for mode, layers in _by_mode(arrays).items():
-        figure = make_figure(layers, mode, epoch, fontsize, figsize, plot_manipulation_func)
-        paths.append(_save(figure, f"{savefile}_{kind}_{mode}_epoch_{int(epoch)}.png"))
+    for (stat, mode), layers in _by_stat_and_mode(values).items():
+        make_figure = FIGURES.get(get_stat(stat).kind)
+        if make_figure is None:
+            continue
+        figure = make_figure(layers, mode, epoch, fontsize, figsize, plot_manipulation_func, stat=stat)
+        paths.append(_save(figure, f"{savefile}_{stat}_{mode}_epoch_{int(epoch)}.png"))
     return paths
 
+
+#: The names the per-epoch arrays were drawn by before any kind of statistic could be.
+plot_spectra = plot_embeddings = plot_vectors

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from numbers import Real
 from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import pandas as pd
 
-from delve.metrics import STATMAP, layer_statistics
-from delve.writers.base import parse_key
+from delve.keys import MODES, average_key, layer_key, parse_key
+from delve.metrics import layer_statistics
+from delve.validation import check_fraction
 from delve.writers.csv_writer import CSVWriter
 from delve.writers.npy_writer import epoch_file, load_index
 
@@ -21,13 +21,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["reconstruct_csv_from_npy_data"]
 
 RECOMPUTABLE = ("lsat", "idim")
-_COV = STATMAP["cov"]
-_ARRAY_STATS = (STATMAP["cov"], STATMAP["spectrum"], STATMAP["embed"])
 
 
 def _check_arguments(thresh, stats) -> List[str]:
-    if thresh is not None and (isinstance(thresh, bool) or not isinstance(thresh, Real) or not 0 < thresh <= 1):
-        raise ValueError(f"thresh must lie in (0, 1] or be None, got {thresh!r}")
+    check_fraction("thresh", thresh, allow_none=True)
     stats = [stats] if isinstance(stats, str) else list(stats)
     unknown = [s for s in stats if s not in RECOMPUTABLE]
     if unknown:
@@ -82,17 +79,17 @@ def reconstruct_csv_from_npy_data(
     stats = _check_arguments(thresh, stats)
     entries = load_index(npywriter_out_path)
     parsed = {key: parse_key(key) for key, _, _ in entries}
+    covariances = [p for p in parsed.values() if p is not None and p.stat == "cov"]
     recompute = thresh is not None and bool(stats)
-    if recompute and not any(p is not None and p[1] == _COV for p in parsed.values()):
+    if recompute and not covariances:
         raise FileNotFoundError(
             f"{npywriter_out_path!r} holds no covariance matrix to recompute {stats} at thresh={thresh}; "
             "track the 'cov' stat with the npy writer to allow it"
         )
-    rebuilt = {f"{mode}-{STATMAP[stat]}_{layer}" for mode, _, layer in
-               (p for p in parsed.values() if p is not None and p[1] == _COV) for stat in stats}
-    replaced = {STATMAP[stat] for stat in stats} if recompute else set()
-    cov_modes = {p[0] for p in parsed.values() if p is not None and p[1] == _COV}
-    averages = {f"average-{mode}-sat" for mode in ("train", "eval")} if recompute and "lsat" in stats else set()
+    rebuilt = {layer_key(p.mode, stat, p.layer) for p in covariances for stat in stats}
+    replaced = set(stats) if recompute else set()
+    cov_modes = {p.mode for p in covariances}
+    averages = {average_key(mode) for mode in MODES} if recompute and "lsat" in stats else set()
 
     table = CSVWriter(savefile if savefile is not None else "")
     dropped: Dict[str, None] = {}
@@ -104,27 +101,26 @@ def reconstruct_csv_from_npy_data(
                 continue
             info = parsed[key]
             path = epoch_file(npywriter_out_path, folder, epoch)
-            if recompute and info is not None and info[1] == _COV:
-                mode, _, layer = info
+            if recompute and info is not None and info.stat == "cov":
                 values = layer_statistics(np.load(path, allow_pickle=False), stats, thresh)
                 for stat in stats:
                     # Assigning to a key already in the row keeps its position.
-                    row[f"{mode}-{STATMAP[stat]}_{layer}"] = float(values[stat])
+                    row[layer_key(info.mode, stat, info.layer)] = float(values[stat])
                 if "lsat" in values:
-                    recomputed.setdefault(mode, []).append(float(values["lsat"]))
-            elif info is not None and info[1] in _ARRAY_STATS:
+                    recomputed.setdefault(info.mode, []).append(float(values["lsat"]))
+            elif info is not None and not info.statistic.is_scalar:
                 continue
-            elif recompute and info is not None and (key in rebuilt or (key in averages and info[0] in cov_modes)):
+            elif recompute and info is not None and (key in rebuilt or (key in averages and info.mode in cov_modes)):
                 # Its position is kept; the value comes from the covariance (or the average below).
                 row.setdefault(key, math.nan)
-            elif recompute and info is not None and (info[1] in replaced or key in averages):
+            elif recompute and info is not None and (info.stat in replaced or key in averages):
                 dropped[key] = None  # computed at the old threshold, and nothing to recompute it from
             else:
                 value = _load_scalar(path)
                 if value is not None:
                     row[key] = value
         for average in averages & set(row):
-            mode = parse_key(average)[0]
+            mode = parse_key(average).mode
             row[average] = float(np.mean(recomputed[mode])) if recomputed.get(mode) else math.nan
         table.add_scalars("", row, global_step=epoch)
     if dropped:

@@ -1,192 +1,56 @@
 """CheckLayerSat: hooks on a model's layers, epoch-wide covariances, statistics to writers.
 
-Data flow, in one read: a forward hook receives a layer's output
-(:meth:`CheckLayerSat._record`) → :func:`delve.activations.to_data_rows` makes it
-``(..., features)`` rows (a view where it can) → the layer's :class:`~delve.covariance.TorchCovarianceMatrix`
-for the current mode merges it → at :meth:`CheckLayerSat.add_saturations` each
-accumulator's covariance goes through :func:`delve.metrics.layer_statistics` (one
-eigendecomposition) → the writer receives the values.
+The tracker is three parts behind one face: a validated :class:`~delve.config.TrackerConfig`,
+a :class:`~delve.recorder.Recorder` whose forward hooks turn every output into rows and
+merge them into one accumulator per layer and mode, and the epoch loop of
+:meth:`CheckLayerSat.add_saturations`: accumulators merged over ranks
+(:mod:`delve.distributed`) → statistics (:func:`delve.epoch.epoch_values`, one
+eigendecomposition per layer and mode) → writers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import os
-import threading
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from delve import distributed
-from delve._runtime import in_backward, run_eagerly
-from delve.activations import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS, first_rows, to_data_rows
+from delve.config import DEFAULT_MAX_ACCUMULATOR_BYTES, TrackerConfig
 from delve.console import SaturationBars
-from delve.covariance import TorchCovarianceMatrix, covariance_bytes
-from delve.layers import CONV_TYPES, LINEAR_TYPES, RECURRENT_TYPES, discover_layers, unwrap
-from delve.metrics import SCALAR_STATS, STATMAP, layer_statistics
+from delve.covariance import TorchCovarianceMatrix
+from delve.discovery import discover_layers
+from delve.epoch import EpochValues, epoch_values
+from delve.gram import release_workspace
+from delve.keys import Key
+from delve.recorder import Recorder
 from delve.writers import AbstractWriter, WriterSpec, build_writer
 
 logger = logging.getLogger(__name__)
 
-MODES = ("train", "eval")
-EMBED_SAMPLES = 1000
-DEFAULT_MAX_ACCUMULATOR_BYTES = 4 * 2**30
+__all__ = ["CheckLayerSat", "SaturationTracker"]
+
+_CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(TrackerConfig))
 
 
-class _LayerMode:
-    """Everything recorded for one layer in one mode during the current epoch."""
-
-    __slots__ = ("cov", "calls", "seen", "samples", "sample_rows", "lock")
-
-    def __init__(self, device, float64_products):
-        self.cov = TorchCovarianceMatrix(device=device, float64_products=float64_products)
-        self.calls = 0
-        self.seen = 0
-        # (rows, all-finite flag of their batch); the flag stays on the device until the epoch ends.
-        self.samples: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        self.sample_rows = 0
-        # Hooks of nn.DataParallel replicas run in threads.
-        self.lock = threading.Lock()
-
-    def new_epoch(self, reset_covariance: bool) -> None:
-        with self.lock:
-            if reset_covariance:
-                self.cov.reset()
-            self.calls = 0
-            self.seen = 0
-            self.samples = []
-            self.sample_rows = 0
-
-    def finite_samples(self) -> Optional[torch.Tensor]:
-        """Return the recorded embedding rows, without those of batches the accumulator skipped."""
-        kept = [rows for rows, finite in self.samples if bool(finite)]
-        if not kept:
-            return None
-        # nn.DataParallel replicas record on their own GPUs; gather where the covariance is.
-        device = self.cov.n.device if self.cov.n is not None else kept[0].device
-        return torch.cat([rows.to(device) for rows in kept])
-
-
-def _known_feature_dim(module: nn.Module, conv_method: str) -> Optional[int]:
-    """Return the number of columns a layer's data matrix will have, if its definition tells.
-
-    ``None`` when it depends on the input (``conv_method='flatten'``, unknown types).
-    """
-    if isinstance(module, LINEAR_TYPES):
-        return module.out_features
-    if isinstance(module, CONV_TYPES):
-        return None if conv_method == "flatten" else module.out_channels
-    if isinstance(module, RECURRENT_TYPES):
-        size = module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
-        return size * (2 if module.bidirectional else 1)
-    return None
-
-
-def _human_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
-def parse_stats(stats: Iterable[str]) -> Dict[str, List[str]]:
-    """Split stat names (``lsat``, ``lsat_train``, ``idim_eval`` …) into the stats of each mode.
-
-    Raises
-    ------
-    ValueError
-        For a name that is not a stat of :data:`delve.metrics.STATMAP`.
-
-    """
-    if isinstance(stats, str):
-        stats = [stats]
-    per_mode: Dict[str, List[str]] = {mode: [] for mode in MODES}
-    for entry in stats:
-        if not isinstance(entry, str):
-            raise TypeError(f"stats must be strings, got {entry!r}")
-        name, _, suffix = entry.rpartition("_")
-        if suffix in MODES and name in STATMAP:
-            modes = (suffix,)
-        elif entry in STATMAP:
-            name, modes = entry, MODES
-        else:
-            raise ValueError(
-                f"unknown stat {entry!r}; valid stats are {sorted(STATMAP)}, "
-                "optionally suffixed with '_train' or '_eval'"
-            )
-        for mode in modes:
-            if name not in per_mode[mode]:
-                per_mode[mode].append(name)
-    return per_mode
-
-
-def _check_device(device) -> Optional[torch.device]:
-    if device is None:
-        return None
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"device {device!r} is not a torch device: {err}; use None, 'cpu' or 'cuda:N'"
-        ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device {str(device)!r} was asked for but CUDA is not available; use device=None or 'cpu'"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
-    elif device.type == "mps":
-        raise ValueError(
-            "device 'mps' has no float64 arithmetic, which the accumulators need; use device=None "
-            "(MPS activations are then accumulated on the CPU) or 'cpu'"
-        )
-    return device
-
-
-def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
-
-
-class _LayerHook:
-    """The forward hook on one tracked layer: hands its output to the tracker while it records.
-
-    ``nn.DataParallel`` replicas share it. A copy of the model (``copy.deepcopy`` for an
-    EMA model or a kept best model, or ``torch.save(model)``) gets an :class:`_InertHook`
-    instead: the copy must neither feed this tracker nor need it to be pickled.
-    """
-
-    __slots__ = ("tracker", "name")
-
-    def __init__(self, tracker: CheckLayerSat, name: str):
-        self.tracker = tracker
-        self.name = name
-
-    def __call__(self, module: nn.Module, inputs, output) -> None:
-        if self.tracker._recording:
-            self.tracker._record(self.name, module, output)
-
-    def __reduce__(self):
-        return (_InertHook, ())
-
-
-class _InertHook:
-    """What a tracker's hook becomes in a copy of the model: nothing."""
-
-    def __call__(self, module: nn.Module, inputs, output) -> None:
-        return None
+def _user_value(name: Any, value: Any) -> Any:
+    """Check a value recorded with :meth:`CheckLayerSat.add_scalar` and make it a plain number or array."""
+    if not isinstance(name, str):
+        raise TypeError(f"add_scalar needs a name (str), got {type(name).__name__} {name!r}")
+    if value is None:
+        return float("nan")  # "no value this epoch": the epoch's row is still written
+    if torch.is_tensor(value):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.numpy()
+    array = np.asarray(value) if not isinstance(value, (str, bytes)) else np.asarray(object())
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"add_scalar({name!r}, ...) needs a number (or None), got {type(value).__name__} {value!r}")
+    return value
 
 
 class CheckLayerSat:
@@ -200,7 +64,7 @@ class CheckLayerSat:
 
     Parameters
     ----------
-    savefile : str
+    savefile : str or os.PathLike
         Destination of the outputs: ``{savefile}.csv``, the folder ``{savefile}/``, …
     save_to : str, AbstractWriter or list of them
         Writer keys (``csv``, ``npy``, ``print``/``console``, ``tensorboard``/``tb``,
@@ -216,7 +80,8 @@ class CheckLayerSat:
         Per layer, mode and epoch, stop recording after this many samples of the batch
         dimension; the batch that reaches the limit is cut to it.
     stats : list of str, default ``['lsat']``
-        Keys of :data:`delve.metrics.STATMAP`; ``_train`` / ``_eval`` limits one to a mode.
+        Registered statistics (:data:`delve.metrics.STATMAP`); ``_train`` / ``_eval``
+        limits one to a mode.
     layerwise_sat : bool, default True
         Report per-layer values (``False`` keeps only the averages).
     reset_covariance : bool, default True
@@ -246,7 +111,8 @@ class CheckLayerSat:
         A :func:`torch.nn.functional.interpolate` mode; feature maps larger than
         ``interpolation_downsampling`` are resized to it before recording.
     interpolation_downsampling : int, default 32
-        Target spatial size of the interpolation.
+        Target spatial size of the interpolation (``None`` is accepted while
+        ``interpolation_strategy`` is ``None``).
     layer_filter : callable, optional
         ``dict name -> module`` in, the ``dict`` of layers to keep out.
     spectrum_k : int, default 5
@@ -256,11 +122,23 @@ class CheckLayerSat:
     max_accumulator_bytes : int, default 4 GiB
         Refuse (with an explanation) to allocate a layer's accumulator above this size.
 
+    Attributes
+    ----------
+    config : TrackerConfig
+        The validated settings; every setting is also readable as an attribute
+        (``tracker.sat_threshold``).
+    layers : OrderedDict
+        ``name -> layer`` of the tracked layers, in tracking order.
+    epoch : int
+        The number of the epoch being recorded.
+    writer : AbstractWriter or None
+        Where the statistics go (``None`` with ``nosave`` and on ranks other than 0).
+
     """
 
     def __init__(
         self,
-        savefile: str,
+        savefile: Union[str, os.PathLike],
         save_to: WriterSpec,
         modules: Union[nn.Module, Sequence[nn.Module]],
         writer_args: Optional[Dict[str, Any]] = None,
@@ -280,185 +158,101 @@ class CheckLayerSat:
         device: Union[str, torch.device, None] = None,
         initial_epoch: int = 0,
         interpolation_strategy: Optional[str] = None,
-        interpolation_downsampling: int = 32,
+        interpolation_downsampling: Optional[int] = 32,
         layer_filter: Optional[Callable[[Dict[str, nn.Module]], Dict[str, nn.Module]]] = None,
         spectrum_k: int = 5,
         float64_products: bool = False,
         max_accumulator_bytes: int = DEFAULT_MAX_ACCUMULATOR_BYTES,
     ):
-        # Everything is validated before anything is hooked or written.
-        self.stats = parse_stats(stats)
-        if conv_method not in CONV_METHODS:
-            raise ValueError(f"unknown conv_method {conv_method!r}; valid methods are {list(CONV_METHODS)}")
-        if timeseries_method not in TIMESERIES_METHODS:
-            raise ValueError(
-                f"unknown timeseries_method {timeseries_method!r}; valid methods are {list(TIMESERIES_METHODS)}"
-            )
-        if isinstance(sat_threshold, bool) or not isinstance(sat_threshold, (int, float)) or not (
-            0 < sat_threshold <= 1
-        ):
-            raise ValueError(f"sat_threshold must lie in (0, 1], got {sat_threshold!r}")
-        _check_int("log_interval", log_interval, 1)
-        _check_int("max_samples", max_samples, 1, allow_none=True)
-        _check_int("initial_epoch", initial_epoch, 0)
-        _check_int("interpolation_downsampling", interpolation_downsampling, 1)
-        _check_int("spectrum_k", spectrum_k, 1)
-        _check_int("max_accumulator_bytes", max_accumulator_bytes, 1)
-        if interpolation_strategy is not None and interpolation_strategy not in INTERPOLATION_MODES:
-            raise ValueError(
-                f"unknown interpolation_strategy {interpolation_strategy!r}; "
-                f"valid modes are None or {list(INTERPOLATION_MODES)}"
-            )
-        if layer_filter is not None and not callable(layer_filter):
-            raise TypeError(f"layer_filter must be callable, got {type(layer_filter).__name__}")
-        if isinstance(ignore_layer_names, str):
-            ignore_layer_names = [ignore_layer_names]
-        self.device = _check_device(device)
+        config = TrackerConfig(
+            savefile=savefile,
+            save_to=save_to,
+            writer_args={} if writer_args is None else writer_args,
+            log_interval=log_interval,
+            max_samples=max_samples,
+            stats=stats,
+            layerwise_sat=layerwise_sat,
+            reset_covariance=reset_covariance,
+            average_sat=average_sat,
+            ignore_layer_names=ignore_layer_names,
+            include_conv=include_conv,
+            conv_method=conv_method,
+            timeseries_method=timeseries_method,
+            sat_threshold=sat_threshold,
+            nosave=nosave,
+            verbose=verbose,
+            device=device,
+            initial_epoch=initial_epoch,
+            interpolation_strategy=interpolation_strategy,
+            interpolation_downsampling=interpolation_downsampling,
+            layer_filter=layer_filter,
+            spectrum_k=spectrum_k,
+            float64_products=float64_products,
+            max_accumulator_bytes=max_accumulator_bytes,
+        )
+        self._setup(config, modules)
 
-        self.layers = discover_layers(unwrap(modules), include_conv, ignore_layer_names, layer_filter)
-        if not self.layers:
-            raise ValueError(
-                "no trackable layer found: delve tracks Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
-                "LSTM, GRU and RNN layers"
-                + ("" if include_conv else " (convolutions are excluded by include_conv=False)")
-            )
+    @classmethod
+    def from_config(cls, config: TrackerConfig, modules: Union[nn.Module, Sequence[nn.Module]]) -> CheckLayerSat:
+        """Build a tracker of ``modules`` from settings validated earlier (what the framework callbacks do)."""
+        tracker = cls.__new__(cls)
+        tracker._setup(config, modules)
+        return tracker
 
-        self.savefile = savefile
-        self.log_interval = int(log_interval)
-        self.max_samples = None if max_samples is None else int(max_samples)
-        self.layerwise_sat = layerwise_sat
-        self.reset_covariance = reset_covariance
-        self.average_sat = average_sat
-        self.conv_method = conv_method
-        self.timeseries_method = timeseries_method
-        self.threshold = float(sat_threshold)
-        self.verbose = verbose
-        self.initial_epoch = int(initial_epoch)
-        self.epoch = int(initial_epoch)
-        self.interpolation_strategy = interpolation_strategy
-        self.interpolation_downsampling = int(interpolation_downsampling)
-        self.spectrum_k = int(spectrum_k)
-        self.float64_products = bool(float64_products)
-        self.max_accumulator_bytes = int(max_accumulator_bytes)
-        # Refuse an accumulator too big for memory now, before any hook, file or tensor
-        # exists; layers whose width depends on the input are checked at their first batch.
-        for name, layer in self.layers.items():
-            dim = _known_feature_dim(layer, conv_method)
-            if dim is not None and any(self.stats[mode] for mode in MODES):
-                self._check_memory(name, dim)
-
+    def _setup(self, config: TrackerConfig, modules) -> None:
+        if config.savefile is None:
+            raise ValueError("savefile must name where the outputs go (e.g. 'runs/my_run'), got None")
+        self.config = config
+        self.layers = discover_layers(modules, config.include_conv, config.ignore_layer_names, config.layer_filter)
+        # Accumulators too big are refused before any file or hook exists.
+        self._recorder = Recorder(self.layers, config)
+        self.epoch = config.initial_epoch
         self.writer: Optional[AbstractWriter] = None
         # Under torch.distributed only rank 0 writes, so the other ranks make no writer
         # (some writers create files as they are built).
-        if not nosave and distributed.is_writer():
-            folder = os.path.dirname(savefile)
+        if not config.nosave and distributed.is_writer():
+            folder = os.path.dirname(config.savefile)
             if folder:
                 os.makedirs(folder, exist_ok=True)
-            self.writer = build_writer(save_to, savefile, writer_args)
-            if self.initial_epoch > 0:
-                self.writer.resume_from_saved_state(self.initial_epoch)
-
-        self._state: Dict[Tuple[str, str], _LayerMode] = {
-            (name, mode): _LayerMode(self.device, self.float64_products)
-            for name in self.layers
-            for mode in MODES
-            if self.stats[mode]
-        }
+            self.writer = build_writer(config.save_to, config.savefile, dict(config.writer_args))
+            if config.initial_epoch > 0:
+                self.writer.resume_from_saved_state(config.initial_epoch)
         self._user_scalars: OrderedDict[str, Any] = OrderedDict()
-        self._recording = True
         self._closed = False
-        self._warned: set = set()  # (reason, layer, ...) already logged once: see _first_time
-        self._called: set = set()  # layers whose hook ran this epoch
-        self._bars = None  # the console view of verbose=True, made at the first epoch end
-        self._hooks = [
-            layer.register_forward_hook(_LayerHook(self, name)) for name, layer in self.layers.items()
-        ]
+        self._bars: Optional[SaturationBars] = None  # the console view of verbose=True, made at the first epoch end
+        self._recorder.attach()
 
-    # ------------------------------------------------------------------ hooks
-    @run_eagerly
-    def _record(self, name: str, module: nn.Module, output) -> None:
-        """Feed one forward pass of one layer into its accumulator."""
-        if in_backward():  # a checkpoint recomputing activations the forward pass recorded
-            return
-        self._called.add(name)
-        mode = "train" if module.training else "eval"
-        state = self._state.get((name, mode))
-        if state is None:
-            return
-        # Counting, the max_samples budget and the embedding rows are one atomic step,
-        # so concurrent replicas neither lose calls nor overshoot max_samples. The
-        # reshaping is views and cheap kernels; the covariance update runs unlocked.
-        with state.lock:
-            state.calls += 1
-            if state.calls % self.log_interval:
-                return
-            remaining = None if self.max_samples is None else self.max_samples - state.seen
-            if remaining is not None and remaining <= 0:
-                return
-            try:
-                with torch.no_grad():
-                    x, batch = to_data_rows(
-                        module,
-                        output,
-                        self.conv_method,
-                        self.timeseries_method,
-                        self.interpolation_strategy,
-                        self.interpolation_downsampling,
-                        remaining,
-                    )
-            except Exception:  # a layer whose output we cannot read must not stop training
-                if self._first_time("unreadable", name):
-                    logger.exception("layer %s: cannot make a data matrix from its output; it is skipped", name)
-                return
-            if state.cov.dim is None:
-                self._check_memory(name, x.shape[-1])
-            elif x.shape[-1] != state.cov.dim:  # conv_method='flatten' on maps of another size
-                if self._first_time("width", name):
-                    logger.error(
-                        "layer %s: a batch has %d features where the layer's first batch had %d; "
-                        "such batches are skipped (use conv_method='channelwise' or an interpolation_strategy)",
-                        name,
-                        x.shape[-1],
-                        state.cov.dim,
-                    )
-                return
-            state.seen += batch
-            if "embed" in self.stats[mode] and state.sample_rows < EMBED_SAMPLES:
-                keep = first_rows(x, EMBED_SAMPLES - state.sample_rows)
-                # A batch the accumulator skips (NaN/Inf) must not reach the embedding either.
-                state.samples.append((keep, torch.isfinite(x).all()))
-                state.sample_rows += keep.shape[0]
-        try:
-            state.cov.update_rows(x)  # the accumulator brings x to its own device
-        except Exception:  # a device out of memory, say: skip the batch, keep training
-            if self._first_time("update", name):
-                logger.exception("layer %s: a batch could not be added to its covariance; it is skipped", name)
+    def __getattr__(self, name: str) -> Any:
+        # Every setting reads as an attribute, as the tracker's own arguments did.
+        config = self.__dict__.get("config")
+        if config is not None and name in _CONFIG_FIELDS:
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def _first_time(self, *key) -> bool:
-        """Return whether ``key`` is new: for what is logged once per tracker."""
-        if key in self._warned:
-            return False
-        self._warned.add(key)
-        return True
+    def accumulator(self, layer: str, mode: str = "train") -> TorchCovarianceMatrix:
+        """Return the covariance accumulator of one tracked layer in one mode (this rank's rows).
 
-    def _check_memory(self, name: str, dim: int) -> None:
-        needed = covariance_bytes(dim)
-        if needed > self.max_accumulator_bytes:
-            limit = self.max_accumulator_bytes
-            raise MemoryError(
-                f"layer {name!r} has {dim} features: its covariance accumulator needs "
-                f"{needed} bytes ({_human_bytes(needed)}), over max_accumulator_bytes={limit} "
-                f"({_human_bytes(limit)}). Use conv_method='channelwise' (one feature per channel) or "
-                "'mean', set interpolation_strategy to shrink feature maps, leave the layer out with "
-                "ignore_layer_names or layer_filter, or raise max_accumulator_bytes."
-            )
+        Raises
+        ------
+        KeyError
+            For a layer that is not tracked or a mode without stats.
+
+        """
+        return self._recorder.accumulator(layer, mode)
 
     # ------------------------------------------------------------- user values
     def add_scalar(self, name: str, value: Any, **kwargs) -> None:
-        """Record a value of your own (a loss, an accuracy) in the current epoch; the last one wins."""
-        if torch.is_tensor(value):
-            value = value.item() if value.numel() == 1 else value.detach().cpu().numpy()
-        self._user_scalars[name] = value
+        """Record a value of your own (a loss, an accuracy) in the current epoch; the last one wins.
+
+        ``None`` records NaN (the epoch's statistics are written either way).
+
+        Raises
+        ------
+        TypeError
+            For a name that is not a string or a value that is not a number.
+
+        """
+        self._user_scalars[name] = _user_value(name, value)
 
     def add_scalars(self, prefix: str, value_dict: Dict[str, Any], **kwargs) -> None:
         """Record several values of your own in the current epoch, under ``prefix + key``."""
@@ -466,77 +260,41 @@ class CheckLayerSat:
             self.add_scalar(f"{prefix}{key}", value)
 
     # --------------------------------------------------------------- the epoch
-    def compute_statistics(self) -> Tuple[OrderedDict[str, Any], Dict[str, np.ndarray]]:
+    def compute_statistics(self) -> EpochValues:
         """Return the statistics of the current epoch without closing it.
+
+        Under ``torch.distributed`` this is a collective call: every rank's rows are merged.
 
         Returns
         -------
         (OrderedDict, dict)
             ``key -> value`` for every stat (train first, then eval, layers in tracking
-            order) and ``key -> (n, 2) array`` for ``embed``.
+            order) and ``key -> (n, 2) array`` for ``embed``; keys are
+            :class:`~delve.keys.Key` strings.
 
         """
-        # Under torch.distributed these are merged copies of every rank's accumulators.
-        covs = distributed.synchronize(self)
-        values: OrderedDict[str, Any] = OrderedDict()
-        embeds: Dict[str, np.ndarray] = {}
-        for mode in MODES:
-            wanted = self.stats[mode]
-            if not wanted:
-                continue
-            needed = list(wanted) + (["lsat"] if self.average_sat and "lsat" not in wanted else [])
-            saturations = []
-            for name in self.layers:
-                result = self._layer_result(name, mode, needed, covs[(name, mode)])
-                if result is None:
-                    continue
-                if "lsat" in result:
-                    saturations.append(result["lsat"])
-                if not self.layerwise_sat:
-                    continue
-                for stat in wanted:
-                    if stat not in result:  # arrays of a stopped epoch: there is nothing to report
-                        continue
-                    key = f"{mode}-{STATMAP[stat]}_{name}"
-                    if stat == "embed":
-                        embeds[key] = result[stat]
-                    else:
-                        values[key] = result[stat]
-            if self.average_sat and saturations:
-                values[f"average-{mode}-sat"] = float(np.mean(saturations))
-        return values, embeds
+        records = self._recorder.records
+        merged = distributed.synchronize({key: record.accumulator for key, record in records.items()})
+        if self._recorder.recording:
+            self._report_skipped(merged)
+        return epoch_values(
+            self.config,
+            list(self.layers),
+            merged,
+            lambda name, mode: records[(name, mode)].finite_samples(),
+            self._recorder.recording,
+        )
 
-    def _layer_result(
-        self, name: str, mode: str, stats: List[str], cov: TorchCovarianceMatrix
-    ) -> Optional[Dict[str, Any]]:
-        if not self._recording:
-            return {stat: math.nan for stat in stats if stat in SCALAR_STATS}
-        state = self._state[(name, mode)]
-        if cov.dim is None or cov.count == 0:
-            return None
-        skipped = cov.skipped_batches
-        if skipped and self._first_time("nonfinite", name, mode):
-            logger.warning(
-                "layer %s (%s): %d batch(es) with NaN/Inf activations were skipped", name, mode, skipped
-            )
-        elif skipped and self.verbose:
-            logger.info(
-                "epoch %d layer %s (%s): %d batch(es) with NaN/Inf activations skipped",
-                self.epoch,
-                name,
-                mode,
-                skipped,
-            )
-        with state.lock:
-            samples = state.finite_samples()
-        try:
-            return layer_statistics(
-                cov.fix(), stats, self.threshold, self.spectrum_k, samples=samples,
-                mean=cov.mean if samples is not None else None,
-            )
-        except Exception:  # e.g. an eigensolver that does not converge: report NaN, keep training
-            logger.exception("layer %s (%s): statistics could not be computed; writing NaN", name, mode)
-            return {stat: math.nan for stat in stats if stat in SCALAR_STATS}
+    def _report_skipped(self, accumulators: Dict[Any, Optional[TorchCovarianceMatrix]]) -> None:
+        for (name, mode), accumulator in accumulators.items():
+            skipped = 0 if accumulator is None else accumulator.skipped_batches
+            if skipped and self._recorder.first_time("nonfinite", name, mode):
+                logger.warning("layer %s (%s): %d batch(es) with NaN/Inf activations were skipped", name, mode, skipped)
+            elif skipped and self.config.verbose:
+                logger.info(
+                    "epoch %d layer %s (%s): %d batch(es) with NaN/Inf activations skipped", self.epoch, name, mode,
+                    skipped,
+                )
 
     def add_saturations(self, save: bool = True) -> OrderedDict[str, Any]:
         """Close the epoch: compute every statistic, hand it to the writer, save, reset.
@@ -554,37 +312,38 @@ class CheckLayerSat:
         """
         if self._closed:
             raise RuntimeError("add_saturations() called on a closed tracker")
-        values, embeds = self.compute_statistics()
-        if self._recording:
-            for name in self.layers:
-                if name not in self._called and self._first_time("never called", name):
-                    logger.warning(
-                        "layer %s saw no forward pass this epoch, so it reports nothing. A layer used only "
-                        "through its weights (nn.MultiheadAttention.out_proj is one) never runs its hooks; "
-                        "leave it out with ignore_layer_names",
-                        name,
-                    )
-        self._called.clear()
+        values, samples = self.compute_statistics()
+        if self._recorder.recording:
+            self._warn_silent_layers()
         step = self.epoch
         if self.writer is not None and distributed.is_writer():
-            self._safely(self._write_epoch, values, embeds, step, save)
-        if self.verbose and distributed.is_writer():
+            self._safely(self._write_epoch, values, samples, step, save)
+        if self.config.verbose and distributed.is_writer():
             self._log_epoch(values, step)
         recorded = OrderedDict(self._user_scalars)
         recorded.update(values)
         self._user_scalars.clear()
-        for state in self._state.values():
-            state.new_epoch(self.reset_covariance)
+        self._recorder.new_epoch(self.config.reset_covariance)
         self.epoch += 1
         return recorded
+
+    def _warn_silent_layers(self) -> None:
+        for name in self.layers:
+            if name not in self._recorder.called and self._recorder.first_time("never called", name):
+                logger.warning(
+                    "layer %s saw no forward pass this epoch, so it reports nothing. A layer used only "
+                    "through its weights (nn.MultiheadAttention.out_proj is one) never runs its hooks; "
+                    "leave it out with ignore_layer_names",
+                    name,
+                )
 
     def _write_user_scalars(self, step) -> None:
         for name, value in self._user_scalars.items():
             self.writer.add_scalar(name, value, global_step=step)
 
-    def _write_epoch(self, values, embeds, step, save) -> None:
+    def _write_epoch(self, values, samples, step, save) -> None:
         self._write_user_scalars(step)
-        self.writer.add_scalars("", values, global_step=step, sample_value_dict=embeds)
+        self.writer.add_scalars("", values, global_step=step, sample_value_dict=samples)
         if save:
             self.writer.save()
 
@@ -594,12 +353,10 @@ class CheckLayerSat:
         except Exception:  # disk full, a broken user writer: log it, keep the run alive
             logger.exception("the writer failed at epoch %d; training goes on", self.epoch)
 
-    def _log_epoch(self, values, step) -> None:
+    def _log_epoch(self, values: Dict[Key, Any], step: int) -> None:
         for key, value in values.items():
-            if "saturation" in key or key.startswith("average-"):
+            if isinstance(key, Key) and key.stat == "lsat":
                 logger.info("epoch %d %s: %.3f", step, key, value)
-        if not distributed.is_writer():
-            return
         try:
             if self._bars is None:
                 self._bars = SaturationBars()
@@ -615,24 +372,22 @@ class CheckLayerSat:
     # ------------------------------------------------------------- lifecycle
     def stop(self) -> None:
         """Stop recording forward passes (statistics of a stopped epoch are NaN)."""
-        self._recording = False
+        self._recorder.recording = False
 
     def resume(self) -> None:
         """Record forward passes again after :meth:`stop`."""
-        self._recording = True
+        self._recorder.recording = True
 
     def is_recording(self) -> bool:
         """Whether forward passes are being recorded."""
-        return self._recording
+        return self._recorder.recording
 
     def close(self) -> None:
-        """Remove every hook this tracker registered and close the writer. Idempotent."""
+        """Remove every hook this tracker registered, close the writer and free scratch memory. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        self._recorder.remove()
         if self._bars is not None:
             try:
                 self._bars.close()
@@ -643,6 +398,7 @@ class CheckLayerSat:
                 self._safely(self._write_user_scalars, self.epoch)
                 self._safely(self.writer.save)
             self._safely(self.writer.close)
+        release_workspace()
 
     def __enter__(self) -> CheckLayerSat:
         return self
@@ -651,7 +407,8 @@ class CheckLayerSat:
         self.close()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(savefile={self.savefile!r}, layers={list(self.layers)}, epoch={self.epoch})"
+        name = type(self).__name__
+        return f"{name}(savefile={self.config.savefile!r}, layers={list(self.layers)}, epoch={self.epoch})"
 
 
 #: The name later releases use for :class:`CheckLayerSat`.

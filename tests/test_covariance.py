@@ -147,6 +147,6 @@ def test_devices_without_float64_keep_the_state_on_the_cpu():
     # built, and with device=None MPS activations are accumulated on the CPU.
     with pytest.raises(ValueError, match=r"'mps' has no float64 arithmetic.*'cpu'"):
         TorchCovarianceMatrix(device="mps")
-    assert covariance._float64_home(torch.device("mps")) == torch.device("cpu")
-    assert covariance._float64_home(torch.device("cpu")) == torch.device("cpu")
-    assert covariance._float64_home(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert covariance.float64_home(torch.device("mps")) == torch.device("cpu")
+    assert covariance.float64_home(torch.device("cpu")) == torch.device("cpu")
+    assert covariance.float64_home(torch.device("cuda", 1)) == torch.device("cuda", 1)

@@ -50,18 +50,18 @@ def _synced_accumulator_checks(rank: int, out: str) -> None:
     rows = torch.arange(12, dtype=torch.float64).reshape(4, 3) ** 1.5
     if rank == 0:
         acc.update(rows)
-    merged = acc.synced()
+    merged = delve_dist.synced(acc)
     assert acc.count == (4 if rank == 0 else 0)  # the local accumulator is untouched
     np.save(os.path.join(out, f"one_sided_rank{rank}.npy"), merged.fix().numpy())
 
     # No rank has data: an empty result, no hang.
-    assert TorchCovarianceMatrix().synced().dim is None
+    assert delve_dist.synced(TorchCovarianceMatrix()).dim is None
 
     # Ranks that disagree on the width all raise, none is left waiting.
     odd = TorchCovarianceMatrix()
     odd.update(torch.ones(2, 3 + rank, dtype=torch.float64))
     try:
-        odd.synced()
+        delve_dist.synced(odd)
     except ValueError as err:
         assert "disagree" in str(err)
     else:
@@ -230,7 +230,7 @@ def test_without_a_process_group_nothing_changes():
     acc = TorchCovarianceMatrix()
     data = torch.randn(7, 3, dtype=torch.float64)
     acc.update(data)
-    copy = acc.synced()
+    copy = delve_dist.synced(acc)
     assert copy is not acc and copy.count == 7
     np.testing.assert_allclose(copy.fix().numpy(), np_cov(data.numpy()), rtol=1e-12, atol=1e-14)
     copy.update(data)  # the copy is independent of the original

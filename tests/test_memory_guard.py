@@ -122,7 +122,7 @@ def test_flatten_after_interpolation_fits(tmp_path):
     )
     with torch.no_grad():
         model(torch.randn(4, 3, 128, 128))
-    assert tracker._state[("0", "train")].cov.dim == 64 * 4 * 4
+    assert tracker.accumulator("0").dim == 64 * 4 * 4
     values = tracker.add_saturations(save=False)
     tracker.close()
     # Nearest resizing 128 -> 4 keeps every 32nd row and column, then C·4·4 features per sample.

@@ -83,12 +83,9 @@ def test_concurrent_counters_respect_log_interval_and_max_samples():
     _run_threads(model)
     calls = THREADS * BATCHES
     for name in ("0", "2"):
-        state = every_other._state[(name, "train")]
-        assert state.calls == calls
         # Every second call of 24 is recorded: 12 batches of 32 rows, none lost or doubled.
-        assert state.cov.count == calls // 2 * 32
+        assert every_other.accumulator(name).count == calls // 2 * 32
         # The budget is shared by all threads: exactly 100 rows, the last batch cut.
-        assert capped._state[(name, "train")].cov.count == 100
-        assert capped._state[(name, "train")].seen == 100
+        assert capped.accumulator(name).count == 100
     every_other.close()
     capped.close()

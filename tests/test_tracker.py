@@ -263,7 +263,7 @@ def test_device_follows_activations_or_is_honoured():
     for device in (None, "cpu", torch.device("cpu")):
         tracker = CheckLayerSat("u", "csv", layer, nosave=True, device=device)
         layer(torch.randn(5, 3))
-        assert tracker._state[("Module-0-Linear", "train")].cov.mean.device.type == "cpu"
+        assert tracker.accumulator("Module-0-Linear").mean.device.type == "cpu"
         tracker.close()
 
 
@@ -280,7 +280,7 @@ def test_gradients_never_flow_into_the_tracker():
     tracker = CheckLayerSat("u", "csv", layer, nosave=True)
     out = layer(torch.randn(4, 3, requires_grad=True))
     out.sum().backward()
-    state = tracker._state[("Module-0-Linear", "train")].cov
+    state = tracker.accumulator("Module-0-Linear")
     assert not state.scatter.requires_grad and not state.mean.requires_grad
 
 
@@ -324,16 +324,16 @@ def test_compiled_model_is_tracked_and_the_tracker_runs_eagerly(monkeypatch, com
     # torch.compile traces module hooks; the tracker's own code must stay out of the
     # graph (it would recompile at every batch as its state changes) and still see
     # every batch. The expected rows come from the uncompiled layers, run by the test.
-    import delve.covariance as covariance
+    import delve.gram as gram
 
     traced = []
-    products = covariance._centred_gram
+    products = gram.centred_gram
 
     def spy(*args):
         traced.append(torch.compiler.is_compiling())
         return products(*args)
 
-    monkeypatch.setattr(covariance, "_centred_gram", spy)
+    monkeypatch.setattr(gram, "centred_gram", spy)
     torch.manual_seed(0)
     model = MLP()
     if compile_first:  # the tracker is given the compiled wrapper; layers keep their plain names
@@ -370,8 +370,7 @@ def test_gradient_checkpointing_records_each_row_once(reentrant):
     for x in batches:
         hidden = checkpoint(lambda t: torch.relu(model.linear1(t)), x, use_reentrant=reentrant)
         model.linear2(hidden).sum().backward()
-    state = tracker._state[("linear1", "train")]
-    assert state.cov.count == 48 and state.calls == 3
+    assert tracker.accumulator("linear1").count == 48
     with torch.no_grad():
         hidden = [nn.functional.linear(x, model.linear1.weight, model.linear1.bias) for x in batches]
     values = tracker.add_saturations()
@@ -393,14 +392,14 @@ def test_deep_copies_of_the_model_are_not_recorded():
         for _ in range(3):
             model(torch.randn(16, 10))
             ema(torch.randn(16, 10) * 5)
-    assert tracker._state[("linear1", "train")].cov.count == 48
+    assert tracker.accumulator("linear1").count == 48
     # nn.DataParallel's replicas share the hooks too, and are recorded (replicated here
     # by the same call DataParallel makes for each module, without GPUs).
     replica = model.linear1._replicate_for_data_parallel()
     replica.weight, replica.bias = model.linear1.weight, model.linear1.bias  # as replicate() does
     with torch.no_grad():
         replica(torch.randn(16, 10))
-    assert tracker._state[("linear1", "train")].cov.count == 64
+    assert tracker.accumulator("linear1").count == 64
     values = tracker.add_saturations()
     tracker.close()
     assert_matches(values, "linear1", "train", capture.take("linear1", "train"))
@@ -424,7 +423,7 @@ def test_the_model_can_be_saved_whole_while_tracked():
         torch.testing.assert_close(loaded(batches[1]), model(batches[1]))
         model(batches[2])
         hidden = [nn.functional.linear(x, model.linear1.weight, model.linear1.bias) for x in batches]
-    assert tracker._state[("linear1", "train")].cov.count == 48
+    assert tracker.accumulator("linear1").count == 48
     values = tracker.add_saturations()
     tracker.close()
     assert_matches(values, "linear1", "train", [h.double().numpy() for h in hidden])
@@ -457,8 +456,8 @@ def test_a_failing_update_is_logged_once_and_training_goes_on(monkeypatch, caplo
     model = MLP()
     tracker = CheckLayerSat("unused", "csv", model, stats=STATS, nosave=True)
     capture = OutputCapture({"linear1": model.linear1})
-    state = tracker._state[("linear1", "train")]
-    update = state.cov.update_rows
+    accumulator = tracker.accumulator("linear1")
+    update = accumulator.update_rows
     calls = []
 
     def flaky(x):
@@ -467,7 +466,7 @@ def test_a_failing_update_is_logged_once_and_training_goes_on(monkeypatch, caplo
             raise RuntimeError("CUDA out of memory (simulated)")
         update(x)
 
-    monkeypatch.setattr(state.cov, "update_rows", flaky)
+    monkeypatch.setattr(accumulator, "update_rows", flaky)
     with torch.no_grad(), caplog.at_level("ERROR", logger="delve"):
         for _ in range(5):
             model(torch.randn(16, 10))
@@ -491,7 +490,7 @@ def test_wrapper_attributes_are_left_out_of_layer_names():
     assert list(tracker.layers) == ["0-0", "1", "head-0"]
     x = torch.randn(32, 4, requires_grad=True)
     model(x).sum().backward()
-    assert tracker._state[("0-0", "train")].cov.count == 32
+    assert tracker.accumulator("0-0").count == 32
     inner = model[0]._checkpoint_wrapped_module[0]
     with torch.no_grad():
         first = nn.functional.linear(x, inner.weight, inner.bias)

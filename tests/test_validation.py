@@ -22,7 +22,7 @@ def make(**kwargs):
         ({"timeseries_method": "last"}, r"unknown timeseries_method 'last'.*'last_timestep'.*'timestepwise'"),
         ({"sat_threshold": 0}, r"sat_threshold must lie in \(0, 1\], got 0"),
         ({"sat_threshold": 1.5}, r"sat_threshold must lie in \(0, 1\], got 1.5"),
-        ({"sat_threshold": "0.99"}, r"sat_threshold must lie in \(0, 1\], got '0.99'"),
+        ({"sat_threshold": "0.99"}, r"sat_threshold must be a number in \(0, 1\], got '0.99'"),
         ({"log_interval": 0}, r"log_interval must be an integer >= 1, got 0"),
         ({"log_interval": 1.5}, r"log_interval must be an integer >= 1, got 1.5"),
         ({"max_samples": 0}, r"max_samples must be an integer >= 1 or None, got 0"),

@@ -5,17 +5,17 @@ Nothing here imports a training framework, so ``import delve.integrations`` stay
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
-import os
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
 
+from delve.config import TrackerConfig
 from delve.tracker import CheckLayerSat
 from delve.writers import WriterSpec
-from delve.writers import _check_entry as check_writer_entry
 from delve.writers.base import is_scalar
 
 logger = logging.getLogger(__name__)
@@ -34,11 +34,8 @@ def tracker_arguments() -> list:
     return [name for name in names if name not in _OWN_ARGUMENTS]
 
 
-def check_tracker_kwargs(save_to: WriterSpec, tracker_kwargs: Dict[str, Any]) -> None:
-    """Reject bad callback arguments when the callback is made, not when training starts.
-
-    The values are checked by building a throw-away tracker (no writer, no file) on a
-    stand-in layer, so the rules are exactly the tracker's own.
+def tracker_config(savefile: Optional[str], save_to: WriterSpec, tracker_kwargs: Dict[str, Any]) -> TrackerConfig:
+    """Check a callback's tracker arguments when the callback is made, not when training starts.
 
     Raises
     ------
@@ -52,17 +49,7 @@ def check_tracker_kwargs(save_to: WriterSpec, tracker_kwargs: Dict[str, Any]) ->
     unknown = sorted(set(tracker_kwargs) - set(valid))
     if unknown:
         raise TypeError(f"unknown tracker argument(s) {unknown}; valid: {sorted(valid)}")
-    entries = list(save_to) if isinstance(save_to, (list, tuple)) else [save_to]
-    if not entries:
-        raise ValueError("save_to is empty; give at least one writer key or AbstractWriter")
-    for entry in entries:
-        check_writer_entry(entry)
-    probe_kwargs = dict(tracker_kwargs, nosave=True, verbose=False, ignore_layer_names=())
-    # The user's filter is meant for the real model's layer names, not the stand-in's;
-    # anything else is left for the tracker to reject.
-    if callable(probe_kwargs.get("layer_filter")):
-        probe_kwargs["layer_filter"] = None
-    CheckLayerSat("", save_to, nn.Linear(1, 1), **probe_kwargs).close()
+    return TrackerConfig(savefile=savefile, save_to=save_to, **tracker_kwargs)
 
 
 def scalar_values(values: Dict[str, Any]) -> Dict[str, float]:
@@ -110,17 +97,13 @@ class EpochTracking:
         modules: ModulesSpec,
         tracker_kwargs: Dict[str, Any],
     ):
-        if savefile is not None and not isinstance(savefile, (str, os.PathLike)):
-            raise TypeError(f"savefile must be a path or None, got {type(savefile).__name__}")
         if modules is not None and not (callable(modules) or isinstance(modules, (nn.Module, list, tuple))):
             raise TypeError(
                 f"modules must be None, a module, a list of modules or a callable, got {type(modules).__name__}"
             )
-        check_tracker_kwargs(save_to, tracker_kwargs)
-        self.savefile = None if savefile is None else os.fspath(savefile)
-        self.save_to = save_to
+        self.config = tracker_config(savefile, save_to, tracker_kwargs)
         self.modules = modules
-        self.tracker_kwargs = dict(tracker_kwargs)
+        self._initial_epoch_given = "initial_epoch" in tracker_kwargs
         self.tracker: Optional[CheckLayerSat] = None
         #: ``epoch -> values`` of every epoch closed.
         self.history: Dict[int, Dict[str, Any]] = {}
@@ -136,10 +119,10 @@ class EpochTracking:
             modules = self.modules(model)
         else:
             modules = self.modules
-        kwargs = dict(self.tracker_kwargs)
-        kwargs.setdefault("initial_epoch", initial_epoch)
-        savefile = self.savefile if self.savefile is not None else default_savefile
-        self.tracker = CheckLayerSat(savefile, self.save_to, modules, **kwargs)
+        changes = {} if self._initial_epoch_given else {"initial_epoch": initial_epoch}
+        savefile = self.config.savefile if self.config.savefile is not None else default_savefile
+        config = dataclasses.replace(self.config, savefile=savefile, **changes)
+        self.tracker = CheckLayerSat.from_config(config, modules)
         self.tracker.stop()
         logger.info("tracking %d layer(s), writing to %s", len(self.tracker.layers), savefile)
         return self.tracker

@@ -24,6 +24,7 @@ __all__ = [
     "TensorBoardWriter",
     "WRITERS",
     "build_writer",
+    "check_save_to",
 ]
 
 #: ``save_to`` key -> writer class.
@@ -54,29 +55,51 @@ def _check_entry(entry) -> None:
         )
 
 
-def build_writer(save_to: WriterSpec, savepath: str, writer_args: Optional[Dict[str, Any]] = None) -> AbstractWriter:
-    """Make the writer ``save_to`` names; a list becomes a :class:`CompositWriter`.
+def check_save_to(save_to: WriterSpec, writer_args: Optional[Dict[str, Any]] = None) -> List:
+    """Check a ``save_to`` spec and the ``writer_args`` for the writers it makes; return its entries.
 
     Every argument of ``writer_args`` must be accepted by at least one of the writers
-    made from keys; each writer receives the arguments its constructor takes.
+    made from keys.
+
+    Raises
+    ------
+    ValueError
+        For an empty spec, an unknown key, or an argument no writer takes.
+    TypeError
+        For an entry that is neither a key nor an :class:`AbstractWriter`.
+
     """
     entries: List = list(save_to) if isinstance(save_to, (list, tuple)) else [save_to]
     if not entries:
         raise ValueError(f"save_to is empty; give at least one of {sorted(WRITERS)} or an AbstractWriter")
     for entry in entries:
         _check_entry(entry)
-    writer_args = dict(writer_args or {})
-    classes = [WRITERS[e] for e in entries if isinstance(e, str)]
-    accepted = {cls: set(inspect.signature(cls).parameters) for cls in classes}
-    unused = set(writer_args) - set().union(*accepted.values()) if classes else set(writer_args)
+    accepted = _accepted_arguments(entries)
+    unused = set(writer_args or {}) - set().union(*accepted.values())
     if unused:
-        valid = sorted(set().union(*accepted.values()) - {"savepath"}) if classes else []
+        valid = sorted(set().union(*accepted.values()) - {"savepath"})
         raise ValueError(f"writer_args {sorted(unused)} are accepted by none of the writers; valid: {valid}")
+    return entries
+
+
+def _accepted_arguments(entries: List) -> Dict[type, set]:
+    classes = [WRITERS[e] for e in entries if isinstance(e, str)]
+    return {cls: set(inspect.signature(cls).parameters) for cls in classes}
+
+
+def build_writer(save_to: WriterSpec, savepath: str, writer_args: Optional[Dict[str, Any]] = None) -> AbstractWriter:
+    """Make the writer ``save_to`` names; a list becomes a :class:`CompositWriter`.
+
+    Each writer made from a key receives the ``writer_args`` its constructor takes
+    (see :func:`check_save_to`).
+    """
+    entries = check_save_to(save_to, writer_args)
+    accepted = _accepted_arguments(entries)
     writers = []
     for entry in entries:
         if isinstance(entry, str):
             cls = WRITERS[entry]
-            kwargs = {k: v for k, v in writer_args.items() if k in accepted[cls]}
+            kwargs = {k: v for k, v in (writer_args or {}).items() if k in accepted[cls]}
             writers.append(cls(savepath=savepath, **kwargs))
         else:
             writers.append(entry)

@@ -2,31 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from typing import Any, Dict, Iterable, List
 
 import numpy as np
-
-from delve.metrics import STATMAP
-
-_STAT_NAMES = "|".join(map(re.escape, STATMAP.values()))
-_STAT_KEY = re.compile(rf"^(?P<mode>train|eval)-(?P<stat>{_STAT_NAMES})_(?P<layer>.+)$")
-_AVERAGE_KEY = re.compile(r"^average-(?P<mode>train|eval)-sat$")
-
-
-def parse_key(key: str):
-    """Split a tracker key ``{mode}-{statname}_{layer}`` into ``(mode, statname, layer)``.
-
-    Returns ``(mode, 'average-sat', None)`` for the averages and ``None`` for a user scalar.
-    """
-    match = _STAT_KEY.match(key)
-    if match:
-        return match.group("mode"), match.group("stat"), match.group("layer")
-    match = _AVERAGE_KEY.match(key)
-    if match:
-        return match.group("mode"), "average-sat", None
-    return None
 
 
 def is_scalar(value: Any) -> bool:
@@ -39,7 +18,9 @@ class AbstractWriter(ABC):
 
     The tracker calls :meth:`add_scalar` for each user scalar and :meth:`add_scalars`
     once per epoch with every statistic, both with ``global_step=<epoch>``; then
-    :meth:`save`. A subclass must accept ``**kwargs`` in both add methods so that
+    :meth:`save`. The statistics' keys are :class:`delve.keys.Key` strings, which also
+    carry their mode, statistic and layer (:func:`delve.keys.parse_key` reads a key
+    back from a file). A subclass must accept ``**kwargs`` in both add methods so that
     keywords added later (``sample_value_dict`` for ``embed`` today) do not break it.
     """
 

@@ -10,31 +10,10 @@ import numpy as np
 import pandas as pd
 
 from delve._files import atomic_path
-from delve.writers.base import AbstractWriter, is_scalar, parse_key
+from delve.table import column_order, read_table, write_table
+from delve.writers.base import AbstractWriter, is_scalar
 
 logger = logging.getLogger(__name__)
-
-_MODE_RANK = {None: 0, "train": 1, "eval": 2}
-
-
-def column_order(columns: List[str]) -> List[str]:
-    """Order columns: user scalars, then train stats, then eval stats; first appearance within."""
-    def rank(item):
-        position, key = item
-        parsed = parse_key(key)
-        return (_MODE_RANK[parsed[0] if parsed else None], position)
-
-    return [key for _, key in sorted(enumerate(columns), key=rank)]
-
-
-def read_table(csv_path: str) -> pd.DataFrame:
-    """Read a CSV file written by :class:`CSVWriter` (separator ``;``, epoch index)."""
-    return pd.read_csv(csv_path, sep=";", index_col=0)
-
-
-def write_table(table: pd.DataFrame, target) -> None:
-    """Write a table in the format :func:`read_table` reads, to a path or an open text stream."""
-    table.to_csv(target, sep=";")
 
 
 class CSVWriter(AbstractWriter):

@@ -8,8 +8,7 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 
 from delve import plotting
-from delve.metrics import STATMAP
-from delve.writers.base import parse_key
+from delve.keys import parse_key
 from delve.writers.csv_writer import CSVWriter
 
 logger = logging.getLogger(__name__)
@@ -21,9 +20,9 @@ class CSVandPlottingWriter(CSVWriter):
     For each scalar stat (short name, e.g. ``lsat``) and mode, per epoch:
     ``{savepath}_{stat}_{mode}_epoch_{epoch}.png`` (one bar per layer, tracking order;
     saturation on a 0–1 axis), and a heatmap of the whole run refreshed at every save:
-    ``{savepath}_{stat}_{mode}_history.png`` (layers × epochs). ``spectrum`` adds
-    ``{savepath}_spectrum_{mode}_epoch_{epoch}.png`` and ``embed`` adds
-    ``{savepath}_embed_{mode}_epoch_{epoch}.png`` (one panel per layer). The drawing
+    ``{savepath}_{stat}_{mode}_history.png`` (layers × epochs). A vector statistic
+    (``spectrum``) or samples (``embed``) add ``{savepath}_{stat}_{mode}_epoch_{epoch}.png``
+    (one panel per layer). The drawing
     lives in :mod:`delve.plotting`, which can redraw everything from a CSV later.
 
     Parameters
@@ -58,8 +57,7 @@ class CSVandPlottingWriter(CSVWriter):
         self.primary_metric = primary_metric
         self.plot_manipulation_func = plot_manipulation_func
         self._pending = set()
-        self._spectra: Dict[int, Dict[str, np.ndarray]] = {}
-        self._embeds: Dict[int, Dict[str, np.ndarray]] = {}
+        self._arrays: Dict[int, Dict[str, np.ndarray]] = {}  # per epoch: vector and samples stats
         self._warned_primary = False
 
     def _step(self, global_step) -> int:
@@ -74,13 +72,11 @@ class CSVandPlottingWriter(CSVWriter):
         super().add_scalars(prefix, value_dict, global_step=global_step, **kwargs)
         step = self._step(global_step)
         self._pending.add(step)
-        for key, value in value_dict.items():
-            parsed = parse_key(f"{prefix}{key}")
-            if parsed is not None and parsed[1] == STATMAP["spectrum"] and np.ndim(value) == 1:
-                self._spectra.setdefault(step, {})[f"{prefix}{key}"] = np.asarray(value)
-        for key, value in (sample_value_dict or {}).items():
-            if np.ndim(value) == 2 and np.shape(value)[1] == 2:
-                self._embeds.setdefault(step, {})[f"{prefix}{key}"] = np.asarray(value)
+        arrays = {**value_dict, **(sample_value_dict or {})}
+        for name, value in arrays.items():
+            key = parse_key(f"{prefix}{name}")
+            if key is not None and key.statistic.kind in plotting.FIGURES and np.ndim(value) > 0:
+                self._arrays.setdefault(step, {})[key] = np.asarray(value)
 
     def _primary(self, table) -> Optional[str]:
         if self.primary_metric is None or self.primary_metric in table.columns:
@@ -101,13 +97,10 @@ class CSVandPlottingWriter(CSVWriter):
                    "plot_manipulation_func": self.plot_manipulation_func}
         try:
             plotting.plot_table(table, self.savepath, epochs=epochs, primary_metric=self._primary(table), **options)
-            for epoch in sorted(self._spectra):
-                plotting.plot_spectra(self._spectra[epoch], self.savepath, epoch, **options)
-            for epoch in sorted(self._embeds):
-                plotting.plot_embeddings(self._embeds[epoch], self.savepath, epoch, **options)
+            for epoch in sorted(self._arrays):
+                plotting.plot_vectors(self._arrays[epoch], self.savepath, epoch, **options)
         finally:
             # A picture that failed (say, a broken plot_manipulation_func) is not retried
             # at every later save; the CSV above is already safe.
             self._pending.clear()
-            self._spectra.clear()
-            self._embeds.clear()
+            self._arrays.clear()

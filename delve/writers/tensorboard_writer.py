@@ -11,8 +11,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from delve.metrics import STATMAP
-from delve.writers.base import AbstractWriter, parse_key
+from delve.keys import parse_key
+from delve.writers.base import AbstractWriter
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 class TensorBoardWriter(AbstractWriter):
     """Write TensorBoard event files into the folder ``savepath``.
 
-    Every scalar key becomes a scalar tag at step = epoch. A ``spectrum`` value
-    (the ``k`` leading eigenvalues) becomes one tag per rank, ``{key}/rank-{i}`` with
-    ``i = 1 … k`` (rank 1 is the largest eigenvalue). Arrays such as ``cov`` and
+    Every scalar key becomes a scalar tag at step = epoch. A vector statistic such as
+    ``spectrum`` (the ``k`` leading eigenvalues) becomes one tag per entry,
+    ``{key}/rank-{i}`` with ``i = 1 … k`` (rank 1 is the largest eigenvalue). Arrays such as ``cov`` and
     ``embed`` are not written (the npy writer stores them). Events are flushed at
     every save.
 
@@ -87,8 +87,8 @@ class TensorBoardWriter(AbstractWriter):
         if array.ndim == 0:
             self._summary_writer().add_scalar(tag, float(array), global_step=self._step)
             return
-        parsed = parse_key(tag)
-        if parsed is not None and parsed[1] == STATMAP["spectrum"] and array.ndim == 1:
+        key = parse_key(tag)
+        if key is not None and key.statistic.kind == "vector" and array.ndim == 1:
             writer = self._summary_writer()
             for rank, eigenvalue in enumerate(array, start=1):
                 writer.add_scalar(f"{tag}/rank-{rank}", float(eigenvalue), global_step=self._step)

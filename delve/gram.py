@@ -1,0 +1,234 @@
+"""How one batch becomes a Gram matrix: the centred copy, its workspace, and the products.
+
+The accumulator (:mod:`delve.covariance`) hands a batch of rows, a shift close to their
+mean and a power-of-two scale to :func:`centred_gram`, which returns the Gram matrix and
+the column sums of ``(x - shift) * scale``:
+
+* the rows are centred (and scaled) while they are copied once into a reused workspace,
+  in the layout the product wants; that one copy also turns a channels-first feature map
+  into rows without a separate reshape. Subtracting a shift close to the data is exact in
+  floating point (Sterbenz), and so is scaling by a power of two, so the float32 products
+  keep their digits even when ``|mean|`` is ``10⁴·std`` and do not overflow when the
+  activations are around ``1e18``;
+* the product computes only the lower block triangle of the symmetric result (up to half
+  the multiply-adds), over blocks of at most ``max(8192, features)`` rows whose float32
+  results are summed in float64, so rounding does not grow with the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from typing import Dict, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "BLOCKWISE_FEATURES",
+    "block_bounds",
+    "centred_gram",
+    "first_shift",
+    "power_of_two_scale",
+    "release_workspace",
+    "workspace_bytes",
+]
+
+# A float32 Gram product accumulates each entry over the rows in order; over many rows
+# its rounding grows past what SPEC §4 allows, so products are taken over row blocks
+# of this size (or the feature count, whichever is larger) and summed in float64.
+_BLOCK_ROWS = 8192
+# Rows a new epoch's first shift is estimated from.
+_SHIFT_SAMPLE_ROWS = 4096
+#: From this many features on, a batch's Gram blocks are added to the state one by one
+#: (two passes over features² values cost as much as a sizeable part of the product), so
+#: the blocks above the diagonal are left undefined.
+BLOCKWISE_FEATURES = 512
+# Below this many multiply-adds (rows × features²) a product is not split into blocks.
+_MIN_TRIANGLE_WORK = 2**22
+# A workspace larger than this is not kept between batches.
+_MAX_KEPT_WORKSPACE = 512 * 2**20
+# Scales stay within float32's exponent range with room for a product of two.
+_MAX_SCALE_EXPONENT = 60
+
+_local = threading.local()
+# Every thread's buffers, so that close() can free them all; a thread that ends takes its own along.
+_all_buffers: weakref.WeakKeyDictionary[threading.Thread, Dict[torch.dtype, torch.Tensor]] = weakref.WeakKeyDictionary()
+_buffers_lock = threading.Lock()
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Return a flat scratch tensor of ``numel`` elements.
+
+    On the CPU the buffer is kept (per thread and dtype) and reused by every accumulator,
+    so a training step does not fault in fresh pages for each layer's centred copy. GPU
+    allocators already pool their memory.
+    """
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    buffers = _local.__dict__.get("buffers")
+    if buffers is None:
+        buffers = _local.buffers = {}
+        with _buffers_lock:
+            _all_buffers[threading.current_thread()] = buffers
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype)
+        if numel * buffer.element_size() <= _MAX_KEPT_WORKSPACE:
+            buffers[dtype] = buffer
+        else:
+            buffers.pop(dtype, None)
+    return buffer[:numel]
+
+
+def workspace_bytes() -> int:
+    """Return the bytes of CPU workspace kept for centred batch copies, over all threads."""
+    with _buffers_lock:
+        return sum(b.numel() * b.element_size() for buffers in _all_buffers.values() for b in buffers.values())
+
+
+def release_workspace() -> None:
+    """Free the CPU workspace of every thread (it is allocated again by the next batch)."""
+    with _buffers_lock:
+        for buffers in _all_buffers.values():
+            buffers.clear()
+
+
+@functools.cache
+def block_bounds(features: int) -> Tuple[int, ...]:
+    """Split the features into the blocks whose lower block triangle the Gram product computes.
+
+    A Gram matrix is symmetric: computing block row ``i`` only up to its diagonal block
+    skips up to half of the multiply-adds (0.75 of them with two blocks, 0.56 with
+    eight). Blocks stay wide enough (16 features or more, on multiples of 8) for each
+    product to run near full speed.
+    """
+    if features < 32:
+        return (0, features)
+    parts = 2 if features < 64 else 4 if features < 512 else 8
+    inner = sorted({8 * round(i * features / parts / 8) for i in range(1, parts)} - {0, features})
+    return (0, *inner, features)
+
+
+def _centred_copy(x: torch.Tensor, shift: torch.Tensor, scale: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    if scale is None:
+        torch.sub(x, shift, out=out)
+    else:
+        # x·c − s·c rounds exactly as (x − s)·c for a power-of-two c: one pass, no overflow.
+        torch.addcmul(shift * -scale, x, scale, out=out)
+
+
+def centred_gram(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    work: torch.dtype,
+    bounds: Tuple[int, ...],
+    scale: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Return the Gram matrix and the column sums of the rows of ``x`` centred on ``shift`` (and scaled).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Shape ``(..., features)``: every index of the leading dimensions is a row.
+    shift : torch.Tensor
+        ``(features,)`` in ``work``, subtracted from every row.
+    work : torch.dtype
+        The dtype of the centred copy and the products.
+    bounds : tuple of int
+        The feature blocks (:func:`block_bounds`); only the lower block triangle is
+        computed. The blocks above it are zero, or undefined from
+        :data:`BLOCKWISE_FEATURES` features on.
+    scale : torch.Tensor, optional
+        A power of two the centred rows are multiplied by (0-d, in ``work``).
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        The Gram matrix (float64 when it was summed over row blocks, else ``work``) and
+        the ``(features,)`` column sums in ``work``.
+
+    """
+    features = x.shape[-1]
+    rows = x.numel() // features
+    # Row blocks only serve float32 rounding; at least `features` rows each keeps their
+    # results (blocks × features²) no larger than the centred copy.
+    block = rows if work == torch.float64 else max(_BLOCK_ROWS, features)
+    blocks = -(-rows // block)
+    per_block = -(-rows // blocks)
+    padded = blocks * per_block  # the zero rows that pad the last block change no sum
+    buffer = _workspace(features * padded, work, x.device)
+    if x.stride(-1) == 1 or features == 1:
+        # Features adjacent in memory: the centred copy is row-major (rows, features).
+        flat = buffer.view(padded, features)
+        _centred_copy(x, shift, scale, flat[:rows].view(x.shape))
+        if padded > rows:
+            flat[rows:].zero_()
+        sums = flat.sum(0)
+        chunks = flat.view(blocks, per_block, features).transpose(1, 2)
+    else:
+        # Features strided (a channels-first map seen as rows): write the centred copy
+        # feature-major, (features, rows), reading the input in its own memory order.
+        flat = buffer.view(features, padded)
+        lead = x.shape[:-1]
+        out = flat[:, :rows].view(features, *lead)
+        broadcast = (features,) + (1,) * len(lead)
+        _centred_copy(x.movedim(-1, 0), shift.view(broadcast), scale, out)
+        if padded > rows:
+            flat[:, rows:].zero_()
+        sums = flat.sum(1)
+        chunks = flat.view(features, blocks, per_block).transpose(0, 1)
+    # chunks: (blocks, features, per_block), whatever the layout; BLAS reads either.
+    dtype = work if blocks == 1 else torch.float64
+    if blocks == 1 and (len(bounds) == 2 or rows * features * features < _MIN_TRIANGLE_WORK):
+        # One full product: for a small one, extra calls would cost more than they save.
+        return chunks[0] @ chunks[0].T, sums
+    new = torch.empty if features >= BLOCKWISE_FEATURES else torch.zeros
+    gram = new(features, features, dtype=dtype, device=x.device)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        part = gram[start:stop, :stop]
+        if blocks == 1:
+            torch.mm(chunks[0, start:stop], chunks[0, :stop].T, out=part)
+        else:
+            torch.sum(torch.bmm(chunks[:, start:stop], chunks[:, :stop].transpose(1, 2)), 0, dtype=dtype, out=part)
+    return gram, sums
+
+
+def first_shift(x: torch.Tensor, work: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Estimate the mean and the spread of a batch's rows from its leading samples (about 4096 rows).
+
+    A shift only has to be near the data, within a few standard deviations, for the
+    centred float32 products to keep their digits. Non-finite values are left out, so
+    that a first batch with a NaN (which will be skipped) does not centre the next ones
+    on zero; a feature with no finite value gets 0.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        The ``(features,)`` shift in ``work`` and the largest ``|x - shift|`` of the
+        sample (float64, 0-d), both on the device: no host synchronisation.
+
+    """
+    per_sample = max(1, x[0].numel() // x.shape[-1]) if x.shape[0] else 1
+    sample = x[: -(-_SHIFT_SAMPLE_ROWS // per_sample)].detach()
+    lead = tuple(range(sample.dim() - 1))
+    finite = torch.isfinite(sample)
+    total = torch.where(finite, sample, 0.0).sum(lead, dtype=torch.float64)
+    count = finite.sum(lead)
+    shift = torch.where(count > 0, total / count.clamp_min(1), 0.0).to(work)
+    spread = torch.where(finite, (sample.to(torch.float64) - shift.to(torch.float64)).abs(), 0.0).amax()
+    return shift, spread
+
+
+def power_of_two_scale(spread: torch.Tensor, work: torch.dtype) -> Optional[torch.Tensor]:
+    """Return the power of two that brings a spread of centred values near 1 (``None`` in float64).
+
+    Centred float32 values of about ``1e18`` would overflow their products (a Gram entry
+    sums thousands of squares); scaled by a power of two they neither overflow nor lose a
+    bit. A zero or non-finite spread gives 1.
+    """
+    if work == torch.float64:
+        return None
+    exponent = torch.floor(torch.log2(spread.to(torch.float64)))
+    exponent = torch.where(torch.isfinite(exponent), exponent, 0.0).clamp(-_MAX_SCALE_EXPONENT, _MAX_SCALE_EXPONENT)
+    return torch.exp2(-exponent).to(work)
