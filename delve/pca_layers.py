@@ -35,6 +35,7 @@ from delve._runtime import in_backward
 from delve.activations import conv_data_matrix
 from delve.covariance import TorchCovarianceMatrix
 from delve.metrics import idim_of_eigenvalues
+from delve.validation import check_flag, check_fraction, check_int
 
 __all__ = [
     "rvs",
@@ -98,29 +99,6 @@ def rvs(dim: int = 3, random_state: RandomState = None) -> np.ndarray:
     return q
 
 
-def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)):
-        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must lie in (0, 1], got {threshold!r}")
-    return float(threshold)
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _check_size(name: str, value, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an integer >= 1{extra}, got {value!r}")
-    return int(value)
-
-
 class BasePCALayer(nn.Module):
     """Common machinery of :class:`LinearPCALayer` and :class:`Conv2DPCALayer`.
 
@@ -159,11 +137,11 @@ class BasePCALayer(nn.Module):
         centering: bool,
     ):
         super().__init__()
-        d = _check_size("the feature size", features)
+        d = check_int("the feature size", features, 1)
         self.fs_dim: int = d
-        self._threshold = _check_threshold(threshold)
-        self._centering = _check_flag("centering", centering)
-        self.keepdim: bool = _check_flag("keepdim", keepdim)
+        self._threshold = check_fraction("threshold", threshold)
+        self._centering = check_flag("centering", centering)
+        self.keepdim: bool = check_flag("keepdim", keepdim)
         self.verbose: bool = bool(verbose)
         # Accepted for compatibility with the original API, where it was stored but never
         # changed what the layer does; it does not here either.
@@ -197,7 +175,7 @@ class BasePCALayer(nn.Module):
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        self._threshold = _check_threshold(value)
+        self._threshold = check_fraction("threshold", value)
         if self._fitted:
             self._select_components()
 
@@ -208,7 +186,7 @@ class BasePCALayer(nn.Module):
 
     @centering.setter
     def centering(self, value: bool) -> None:
-        value = _check_flag("centering", value)
+        value = check_flag("centering", value)
         if value == self._centering:
             return
         if self._fitted:
@@ -427,8 +405,8 @@ class BasePCALayer(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         """Restore the settings saved by :meth:`get_extra_state`."""
-        self._threshold = _check_threshold(state["threshold"])
-        self._centering = _check_flag("centering", state["centering"])
+        self._threshold = check_fraction("threshold", state["threshold"])
+        self._centering = check_flag("centering", state["centering"])
         self._loaded_keepdim = bool(state.get("keepdim", self.keepdim))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
@@ -587,7 +565,7 @@ class Conv2DPCALayer(BasePCALayer):
     ):
         super().__init__(in_filters, threshold, keepdim, verbose, gradient_epoch_start, centering)
         self.in_filters = self.fs_dim
-        self.downsampling = _check_size("downsampling", downsampling, allow_none=True)
+        self.downsampling = check_int("downsampling", downsampling, 1, allow_none=True)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -661,7 +639,7 @@ def change_all_pca_layer_thresholds(
         sat/in_dim of a layer that has not seen training data).
 
     """
-    threshold = _check_threshold(threshold)
+    threshold = check_fraction("threshold", threshold)
     layers = _pca_layers(network)
     for _, layer in layers:
         layer.threshold = threshold
@@ -704,7 +682,7 @@ def change_all_pca_layer_thresholds_and_inject_random_directions(
         ``include_names=True``.
 
     """
-    threshold = _check_threshold(threshold)
+    threshold = check_fraction("threshold", threshold)
     try:
         torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -740,8 +718,8 @@ def change_all_pca_layer_centering(
         ``(sat, in_dims, fs_dims, names)`` as for :func:`change_all_pca_layer_thresholds`.
 
     """
-    centering = _check_flag("centering", centering)
-    downsampling = _check_size("downsampling", downsampling, allow_none=True)
+    centering = check_flag("centering", centering)
+    downsampling = check_int("downsampling", downsampling, 1, allow_none=True)
     layers = _pca_layers(network)
     for _, layer in layers:
         layer.centering = centering
