@@ -54,11 +54,13 @@ def _check_entry(entry) -> None:
         )
 
 
-def build_writer(save_to: WriterSpec, savepath: str, writer_args: Optional[Dict[str, Any]] = None) -> AbstractWriter:
-    """Make the writer ``save_to`` names; a list becomes a :class:`CompositWriter`.
+def build_writer(save_to: WriterSpec, savepath: str, writer_args: Optional[Dict[str, Any]] = None) -> CompositWriter:
+    """Make the writers ``save_to`` names, behind one :class:`CompositWriter`.
 
-    Every argument of ``writer_args`` must be accepted by at least one of the writers
-    made from keys; each writer receives the arguments its constructor takes.
+    Even a single writer is wrapped, so that a failing writer is reported the same way
+    and never stops training. Every argument of ``writer_args`` must be accepted by at
+    least one of the writers made from keys; each writer receives the arguments its
+    constructor takes.
     """
     entries: List = list(save_to) if isinstance(save_to, (list, tuple)) else [save_to]
     if not entries:
@@ -80,4 +82,4 @@ def build_writer(save_to: WriterSpec, savepath: str, writer_args: Optional[Dict[
             writers.append(cls(savepath=savepath, **kwargs))
         else:
             writers.append(entry)
-    return writers[0] if len(writers) == 1 else CompositWriter(writers)
+    return CompositWriter(writers)
