@@ -281,9 +281,8 @@ def _recompute(args: argparse.Namespace) -> int:
         raise CommandError(f"npy folder {args.npydir} {what}")
     if args.thresh is not None and not 0 < args.thresh <= 1:
         raise CommandError(f"--thresh must lie in (0, 1], got {args.thresh}")
-    savefile = None
-    if args.output is not None:
-        savefile = args.output[: -len(".csv")] if args.output.endswith(".csv") else args.output
+    savefile = args.output
+    if savefile is not None:
         folder = os.path.dirname(savefile)
         if folder and not os.path.isdir(folder):
             raise CommandError(f"output folder {folder} does not exist")
@@ -297,7 +296,7 @@ def _recompute(args: argparse.Namespace) -> int:
     if savefile is None:
         write_table(table, sys.stdout)
     else:
-        print(f"wrote {savefile}.csv ({len(table.index)} epoch(s), {len(table.columns)} column(s))")
+        print(f"wrote {savefile} ({len(table.index)} epoch(s), {len(table.columns)} column(s))")
     return 0
 
 

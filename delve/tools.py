@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import OrderedDict
 from numbers import Real
 from typing import Dict, Iterable, List, Optional, Union
@@ -11,9 +12,10 @@ from typing import Dict, Iterable, List, Optional, Union
 import numpy as np
 import pandas as pd
 
+from delve._files import atomic_path
 from delve.metrics import STATMAP, layer_statistics
 from delve.writers.base import parse_key
-from delve.writers.csv_writer import CSVWriter
+from delve.writers.csv_writer import CSVWriter, write_table
 from delve.writers.npy_writer import epoch_file, load_index
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def _load_scalar(path: str):
 
 def reconstruct_csv_from_npy_data(
     npywriter_out_path: str,
-    savefile: Optional[str] = None,
+    savefile: Union[str, os.PathLike, None] = None,
     thresh: Optional[float] = None,
     stats: Union[str, Iterable[str]] = RECOMPUTABLE,
 ) -> pd.DataFrame:
@@ -53,8 +55,9 @@ def reconstruct_csv_from_npy_data(
     ----------
     npywriter_out_path : str
         The npy folder (the tracker's ``savefile`` when it used ``save_to='npy'``).
-    savefile : str, optional
-        If given, also write the table to ``{savefile}.csv`` (the CSV writer's format).
+    savefile : str or os.PathLike, optional
+        If given, also write the table to exactly this file, in the CSV writer's format
+        (``savefile="out/run-95.csv"`` writes ``out/run-95.csv``; its folder is created).
     thresh : float, optional
         A new saturation threshold in (0, 1]. The ``stats`` are then recomputed from the
         stored covariance matrices (the run must have tracked ``cov``); a value the
@@ -94,7 +97,7 @@ def reconstruct_csv_from_npy_data(
     cov_modes = {p[0] for p in parsed.values() if p is not None and p[1] == _COV}
     averages = {f"average-{mode}-sat" for mode in ("train", "eval")} if recompute and "lsat" in stats else set()
 
-    table = CSVWriter(savefile if savefile is not None else "")
+    table = CSVWriter("")
     dropped: Dict[str, None] = {}
     for epoch in sorted({e for _, _, epochs in entries for e in epochs}):
         row: OrderedDict[str, float] = OrderedDict()
@@ -131,6 +134,8 @@ def reconstruct_csv_from_npy_data(
         logger.warning(
             "no covariance stored for %s: left out rather than mixed with values at thresh=%s", list(dropped), thresh
         )
+    result = table.table()
     if savefile is not None:
-        table.save()
-    return table.table()
+        with atomic_path(os.fspath(savefile)) as tmp:
+            write_table(result, tmp)
+    return result

@@ -469,6 +469,7 @@ def test_recompute_at_a_new_threshold(npy_run, tmp_path):
     out = tmp_path / "at80.csv"
     done = delve("recompute", npydir, "--thresh", "0.8", "-o", out, check_rc=0)
     assert done.stdout.strip() == f"wrote {out} (2 epoch(s), 8 column(s))"
+    assert os.listdir(tmp_path) == ["at80.csv"]  # exactly the file named, nothing beside it
     check_table(pd.read_csv(out, sep=";", index_col=0), layers, rows, 0.8)
 
 
