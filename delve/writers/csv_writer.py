@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 import numpy as np
 import pandas as pd
 
-from delve._files import atomic_path
+from delve._files import atomic_path, remove_temporaries
 from delve.writers.base import AbstractWriter, is_scalar, parse_key
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,28 @@ def read_table(csv_path: str) -> pd.DataFrame:
     return pd.read_csv(csv_path, sep=";", index_col=0)
 
 
+def _resumable_table(csv_path: str) -> pd.DataFrame:
+    """Read a CSV file to resume from, or raise a ``ValueError`` that names it and says why not."""
+    def refuse(reason: str) -> ValueError:
+        return ValueError(
+            f"cannot resume from {csv_path}: {reason}, so it is not a table the csv writer wrote "
+            "(separator ';', the epoch as first column). Move the file away to keep it and start "
+            "again, or start a new run with initial_epoch=0"
+        )
+
+    try:
+        frame = read_table(csv_path)
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' parser errors are ValueErrors
+        raise refuse(f"it cannot be read ({type(err).__name__}: {' '.join(str(err).split())})") from None
+    index = frame.index
+    if len(index) and not (pd.api.types.is_integer_dtype(index) and index.is_unique and index.min() >= 0):
+        raise refuse(f"its first column holds {list(index[:3])!r}, not distinct epoch numbers")
+    bad = [column for column in frame.columns if not pd.api.types.is_numeric_dtype(frame[column])]
+    if bad:
+        raise refuse(f"its column(s) {bad[:3]} hold text, not numbers")
+    return frame
+
+
 def write_table(table: pd.DataFrame, target) -> None:
     """Write a table in the format :func:`read_table` reads, to a path or an open text stream."""
     table.to_csv(target, sep=";")
@@ -41,7 +63,9 @@ class CSVWriter(AbstractWriter):
     """Write ``{savepath}.csv`` (separator ``;``), rewritten atomically on every save.
 
     The first, unnamed column is the epoch. A key first seen at a later epoch holds
-    NaN in the earlier rows; arrays (``cov``, ``spectrum``) are not written.
+    NaN in the earlier rows; arrays (``cov``, ``spectrum``) are not written. A run
+    resumed from a file that is not such a table (empty, binary, another separator)
+    stops with a ``ValueError`` naming the file, which is left as it is.
 
     Parameters
     ----------
@@ -55,6 +79,7 @@ class CSVWriter(AbstractWriter):
         self.path = savepath + ".csv"
         self._rows: Dict[int, Dict[str, float]] = {}
         self._columns: List[str] = []
+        self._saved = False
 
     def _put(self, name: str, value: Any, step) -> None:
         if not is_scalar(value):
@@ -79,7 +104,13 @@ class CSVWriter(AbstractWriter):
         data = {c: [self._rows[e].get(c, np.nan) for e in epochs] for c in columns}
         return pd.DataFrame(data, index=pd.Index(epochs), columns=columns)
 
+    def _remove_temporaries(self) -> None:
+        remove_temporaries(os.path.dirname(os.path.abspath(self.path)), os.path.basename(self.path))
+
     def save(self):
+        if not self._saved:  # a run's first save clears what a killed one left half-written
+            self._remove_temporaries()
+            self._saved = True
         with atomic_path(self.path) as tmp:
             write_table(self.table(), tmp)
 
@@ -87,7 +118,7 @@ class CSVWriter(AbstractWriter):
         if not os.path.exists(self.path):
             logger.warning("no CSV to resume at %s; starting a new one", self.path)
             return
-        frame = read_table(self.path)
+        frame = _resumable_table(self.path)
         frame = frame[frame.index < initial_epoch]
         self._columns = list(frame.columns)
         self._rows = {

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
 from delve import plotting
+from delve._files import remove_temporaries
 from delve.metrics import STATMAP
 from delve.writers.base import parse_key
 from delve.writers.csv_writer import CSVWriter
@@ -61,6 +64,13 @@ class CSVandPlottingWriter(CSVWriter):
         self._spectra: Dict[int, Dict[str, np.ndarray]] = {}
         self._embeds: Dict[int, Dict[str, np.ndarray]] = {}
         self._warned_primary = False
+
+    def _remove_temporaries(self) -> None:
+        super()._remove_temporaries()
+        # Only the names of this writer's pictures, in its folder.
+        names = r"_[A-Za-z0-9]+_(train|eval)_(epoch_\d+|history)\.png"
+        pictures = re.compile(re.escape(os.path.basename(self.savepath)) + names)
+        remove_temporaries(os.path.dirname(os.path.abspath(self.path)), pictures)
 
     def _step(self, global_step) -> int:
         # The step CSVWriter files a value under when none is given.
