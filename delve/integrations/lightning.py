@@ -46,7 +46,8 @@ class SaturationCallback(Callback):
     this epoch (``check_val_every_n_epoch``); otherwise at the end of the validation
     that follows. The sanity-check validation before training is never recorded.
     On a run resumed from a checkpoint, rows continue at the first epoch Lightning
-    trains, keeping the rows of the epochs before it.
+    starts, and the rows of the epochs before it are kept (an epoch the checkpoint
+    interrupted keeps the row its first run wrote, if any).
 
     Parameters
     ----------
