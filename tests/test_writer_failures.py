@@ -177,3 +177,15 @@ def test_check_savestate_ok_says_whether_the_state_exists(tmp_path):
         warnings.simplefilter("error")
         CheckLayerSat(str(tmp_path / "run"), writer, make_model(), initial_epoch=2).close()
     assert writer.resumed is True
+
+
+def test_warnings_turned_into_errors_still_reach_every_writer(tmp_path):
+    model = make_model()
+    plain = Plain()
+    tracker = CheckLayerSat(str(tmp_path / "run"), [Failing("add_scalars"), plain], model, stats=["lsat"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as in a test suite with filterwarnings = error
+        rows = run_epochs(tracker, model, epochs=1, train_batches=1)
+    tracker.close()
+    for layer in LAYERS:
+        assert plain.rows[0][f"train-saturation_{layer}"] == pytest.approx(np_stats(rows[0][(layer, "train")])["lsat"])

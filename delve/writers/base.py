@@ -131,12 +131,16 @@ class CompositWriter(AbstractWriter):
 
     def _fan_out(self, method: str, args: tuple, kwargs: Dict[str, Any]) -> None:
         self._step = kwargs.get("global_step", self._step)
+        failures = []
         for index, writer in enumerate(self.writers):
             bound = getattr(writer, method)
             try:
                 bound(*args, **self._accepted(index, method, bound, kwargs))
             except Exception as err:  # one writer (a full disk, a user's bug) must not cost the others the epoch
-                self._report(index, writer, method, err)
+                failures.append((index, writer, err))
+        # Reported once every writer had its call: warnings turned into errors must not skip any.
+        for index, writer, err in failures:
+            self._report(index, writer, method, err)
 
     def _accepted(self, index: int, method: str, bound, kwargs: Dict[str, Any]) -> Dict[str, Any]:
         if not kwargs:
