@@ -20,6 +20,7 @@ from torch import nn
 
 import delve
 from delve import CheckLayerSat, reconstruct_csv_from_npy_data
+from delve.metrics import STATMAP
 from tests.reference import OutputCapture, np_stats
 
 EPOCHS = 5
@@ -39,14 +40,15 @@ def batch(epoch: int, step: int) -> torch.Tensor:
     return torch.randn(20, 6, generator=gen) * (1.0 + epoch) + step
 
 
-#: save_to and writer_args of each crash: "mid" is killed between batches, the others inside their writer's save.
+#: save_to, writer_args and stats of each crash: "mid" is killed between batches, the others inside their
+#: writer's save. The plot writer draws one picture per stat: one stat keeps it quick.
 WRITERS = {
-    "mid": ("csv", {}),
-    "csv": ("csv", {}),
-    "npy": ("npy", {}),
-    "zip": ("npy", {"zip": True}),
-    "plot": ("plot", {"figsize": (2, 2)}),
-    "tb": ("tb", {}),
+    "mid": ("csv", {}, STATS),
+    "csv": ("csv", {}, STATS),
+    "npy": ("npy", {}, STATS),
+    "zip": ("npy", {"zip": True}, STATS),
+    "plot": ("plot", {"figsize": (2, 2)}, ["idim"]),
+    "tb": ("tb", {}, STATS),
 }
 
 # The training script uses this module's model and data; it signals progress through a file.
@@ -55,7 +57,7 @@ SCRIPT = textwrap.dedent(
     import sys, time
     import torch
     from delve import CheckLayerSat
-    from test_crash_resume import STATS, WRITERS, KillPoint, batch, make_model
+    from test_crash_resume import WRITERS, KillPoint, batch, make_model
 
     savefile, progress, kind = sys.argv[1:4]
     killed_in, epochs, steps = map(int, sys.argv[4:])
@@ -66,8 +68,8 @@ SCRIPT = textwrap.dedent(
             handle.write(text + "\\n")
 
     point = KillPoint(kind, killed_in, say)
-    save_to, writer_args = WRITERS[kind]
-    tracker = CheckLayerSat(savefile, save_to, model, stats=STATS, writer_args=writer_args)
+    save_to, writer_args, stats = WRITERS[kind]
+    tracker = CheckLayerSat(savefile, save_to, model, stats=stats, writer_args=writer_args)
     with torch.no_grad():
         for epoch in range(epochs):
             for step in range(steps):
@@ -175,7 +177,7 @@ class KillPoint:
         RecordWriter.write = record_cut_short
 
 
-def _reference(epoch: int) -> dict:
+def _reference(epoch: int, stats=STATS) -> dict:
     """numpy float64 statistics of one epoch, from outputs this test captures itself."""
     model = make_model()
     capture = OutputCapture({"0": model[0], "2": model[2]})
@@ -186,15 +188,14 @@ def _reference(epoch: int) -> dict:
     expected = {}
     for name in ("0", "2"):
         ref = np_stats(np.concatenate(capture.take(name, "train")))
-        expected[f"train-intrinsic-dimensionality_{name}"] = ref["idim"]
-        expected[f"train-covariance-trace_{name}"] = ref["trc"]
-        expected[f"train-diagonal-trace_{name}"] = ref["dtrc"]
+        for stat in stats:
+            expected[f"train-{STATMAP[stat]}_{name}"] = ref[stat]
     return expected
 
 
-def _check_rows(table: pd.DataFrame, epochs) -> None:
+def _check_rows(table: pd.DataFrame, epochs, stats=STATS) -> None:
     for epoch in epochs:
-        for column, value in _reference(epoch).items():
+        for column, value in _reference(epoch, stats).items():
             assert table.loc[epoch, column] == pytest.approx(value, rel=1e-6), (epoch, column)
 
 
@@ -232,9 +233,9 @@ def _run_until_killed(tmp_path, kind: str) -> str:
 
 
 def _resume(savefile: str, kind: str) -> None:
-    save_to, writer_args = WRITERS[kind]
+    save_to, writer_args, stats = WRITERS[kind]
     model = make_model()
-    tracker = CheckLayerSat(savefile, save_to, model, stats=STATS, writer_args=writer_args, initial_epoch=KILLED_IN)
+    tracker = CheckLayerSat(savefile, save_to, model, stats=stats, writer_args=writer_args, initial_epoch=KILLED_IN)
     with torch.no_grad():
         for epoch in range(KILLED_IN, EPOCHS):
             for step in range(STEPS):
@@ -296,14 +297,14 @@ def test_sigkill_inside_a_writers_save_then_resume(tmp_path, kind):
     crashed = _read(savefile, kind)
     # the completed epochs are whole (the plot writer saves its CSV before drawing: the killed epoch may be there)
     assert list(crashed.index)[:KILLED_IN] == list(range(KILLED_IN)) and len(crashed.index) <= KILLED_IN + 1
-    _check_rows(crashed, range(KILLED_IN))
+    _check_rows(crashed, range(KILLED_IN), WRITERS[kind][2])
 
     _resume(savefile, kind)
     final = _read(savefile, kind)
     assert list(final.index) == list(range(EPOCHS))  # each epoch once
     assert sorted(final.columns) == sorted(crashed.columns)
     pd.testing.assert_frame_equal(final.loc[: KILLED_IN - 1, crashed.columns], crashed.loc[: KILLED_IN - 1])
-    _check_rows(final, range(EPOCHS))
+    _check_rows(final, range(EPOCHS), WRITERS[kind][2])
     _no_temporary_files(tmp_path / "run")
 
     if kind == "zip":  # the archive the kill left torn is whole again, each file once
