@@ -213,8 +213,8 @@ class NPYWriter(AbstractWriter):
         entries = _scan(self.root)
         if entries:
             logger.warning(
-                "%s has no readable %s: %d key(s) found by their folder names; a key with a "
-                "sanitised folder name gets its own name back once this run writes it again",
+                "%s has no readable %s: the earlier run's %d key(s) were found by their folder names "
+                "(a sanitised name becomes its key's own again when this run writes that key)",
                 self.root, STATE_FILE, len(entries),
             )
             self._found = {key for key, _, _ in entries}
