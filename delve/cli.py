@@ -20,7 +20,7 @@ import pandas as pd
 
 from delve.keys import MODES, parse_key
 from delve.metrics import get_stat, registered_stats
-from delve.table import read_table, stat_groups, write_table
+from delve.table import load_table, stat_groups, write_table
 from delve.validation import check_fraction
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ def load_run_csv(path: str) -> pd.DataFrame:
     if not os.path.exists(path):
         raise CommandError(f"no such file: {path}")
     try:
-        table = read_table(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        table = load_table(path)
+    except ValueError as err:
         raise CommandError(f"{path} is not a CSV written by delve's csv writer: {_one_line(err)}") from None
     except OSError as err:
         raise CommandError(f"cannot read {path}: {err.strerror or err}") from None
@@ -83,15 +83,6 @@ def load_run_csv(path: str) -> pd.DataFrame:
         )
     if len(table.index) == 0:
         raise CommandError(f"{path} has no epoch rows yet")
-    index = pd.to_numeric(pd.Series(table.index), errors="coerce")
-    if index.isna().any() or (index % 1 != 0).any():
-        raise CommandError(f"{path}: the first column must hold epoch numbers, found {list(table.index)[:5]}")
-    table.index = pd.Index(index.astype(int), name=None)
-    if not table.index.is_unique:
-        raise CommandError(f"{path}: epochs {sorted(set(table.index[table.index.duplicated()]))} appear twice")
-    bad = [column for column in table.columns if not pd.api.types.is_numeric_dtype(table[column])]
-    if bad:
-        raise CommandError(f"{path}: columns {bad} hold values that are not numbers")
     return table
 
 
@@ -274,9 +265,8 @@ def _recompute(args: argparse.Namespace) -> int:
         check_fraction("--thresh", args.thresh, allow_none=True)
     except ValueError as err:
         raise CommandError(str(err)) from None
-    savefile = None
-    if args.output is not None:
-        savefile = args.output[: -len(".csv")] if args.output.endswith(".csv") else args.output
+    savefile = args.output
+    if savefile is not None:
         folder = os.path.dirname(savefile)
         if folder and not os.path.isdir(folder):
             raise CommandError(f"output folder {folder} does not exist")
@@ -289,7 +279,7 @@ def _recompute(args: argparse.Namespace) -> int:
     if savefile is None:
         write_table(table, sys.stdout)
     else:
-        print(f"wrote {savefile}.csv ({len(table.index)} epoch(s), {len(table.columns)} column(s))")
+        print(f"wrote {savefile} ({len(table.index)} epoch(s), {len(table.columns)} column(s))")
     return 0
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import pandas as pd
 
+from delve._files import atomic_path
 from delve.keys import MODES, average_key, layer_key, parse_key
 from delve.metrics import layer_statistics
+from delve.table import RunTable, write_table
 from delve.validation import check_fraction
-from delve.writers.csv_writer import CSVWriter
 from delve.writers.npy_writer import epoch_file, load_index
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def _load_scalar(path: str):
 
 def reconstruct_csv_from_npy_data(
     npywriter_out_path: str,
-    savefile: Optional[str] = None,
+    savefile: Union[str, os.PathLike, None] = None,
     thresh: Optional[float] = None,
     stats: Union[str, Iterable[str]] = RECOMPUTABLE,
 ) -> pd.DataFrame:
@@ -50,8 +52,9 @@ def reconstruct_csv_from_npy_data(
     ----------
     npywriter_out_path : str
         The npy folder (the tracker's ``savefile`` when it used ``save_to='npy'``).
-    savefile : str, optional
-        If given, also write the table to ``{savefile}.csv`` (the CSV writer's format).
+    savefile : str or os.PathLike, optional
+        If given, also write the table to exactly this file, in the CSV writer's format
+        (``savefile="out/run-95.csv"`` writes ``out/run-95.csv``; its folder is created).
     thresh : float, optional
         A new saturation threshold in (0, 1]. The ``stats`` are then recomputed from the
         stored covariance matrices (the run must have tracked ``cov``); a value the
@@ -91,7 +94,7 @@ def reconstruct_csv_from_npy_data(
     cov_modes = {p.mode for p in covariances}
     averages = {average_key(mode) for mode in MODES} if recompute and "lsat" in stats else set()
 
-    table = CSVWriter(savefile if savefile is not None else "")
+    table = RunTable()
     dropped: Dict[str, None] = {}
     for epoch in sorted({e for _, _, epochs in entries for e in epochs}):
         row: OrderedDict[str, float] = OrderedDict()
@@ -122,11 +125,14 @@ def reconstruct_csv_from_npy_data(
         for average in averages & set(row):
             mode = parse_key(average).mode
             row[average] = float(np.mean(recomputed[mode])) if recomputed.get(mode) else math.nan
-        table.add_scalars("", row, global_step=epoch)
+        for key, value in row.items():
+            table.put(key, value, epoch)
     if dropped:
         logger.warning(
             "no covariance stored for %s: left out rather than mixed with values at thresh=%s", list(dropped), thresh
         )
+    result = table.frame()
     if savefile is not None:
-        table.save()
-    return table.table()
+        with atomic_path(os.fspath(savefile)) as tmp:
+            write_table(result, tmp)
+    return result

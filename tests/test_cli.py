@@ -264,7 +264,7 @@ def malformed(tmp_path):
 
 def test_malformed_csv_is_a_one_line_error(malformed):
     done = delve("summary", malformed / "other.csv")
-    assert_one_line_error(done, "other.csv", "not written by delve's csv writer")
+    assert_one_line_error(done, "other.csv", "not a CSV written by delve's csv writer")
     assert done.returncode == 1 and done.stdout == ""
 
 
@@ -339,7 +339,7 @@ def test_help_for_every_command(capsys, command):
 
 
 def test_debug_shows_the_traceback(malformed):
-    with pytest.raises(Exception, match="not written by delve's csv writer"):
+    with pytest.raises(Exception, match="not a CSV written by delve's csv writer"):
         main(["--debug", "summary", str(malformed / "other.csv")])
 
 
@@ -469,6 +469,7 @@ def test_recompute_at_a_new_threshold(npy_run, tmp_path):
     out = tmp_path / "at80.csv"
     done = delve("recompute", npydir, "--thresh", "0.8", "-o", out, check_rc=0)
     assert done.stdout.strip() == f"wrote {out} (2 epoch(s), 8 column(s))"
+    assert os.listdir(tmp_path) == ["at80.csv"]  # exactly the file named, nothing beside it
     check_table(pd.read_csv(out, sep=";", index_col=0), layers, rows, 0.8)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -236,6 +237,40 @@ def test_lightning_epochs_without_validation_have_no_eval_values(tmp_path):
     assert "train-covariance-trace_Module-0-Linear" not in pd.read_csv(
         os.path.join(trainer.log_dir, "metrics.csv")
     ).columns
+
+
+def test_lightning_resumed_from_its_last_checkpoint_continues_the_csv_at_the_next_epoch(tmp_path):
+    # With validation every 2 epochs, the last checkpoint is taken during the validation of
+    # epoch 1, before that epoch ends: Lightning restores current_epoch=1 but trains epoch 2 next.
+    savefile = str(tmp_path / "sat")
+    column = {mode: f"{mode}-covariance-trace_Module-0-Linear" for mode in ("train", "eval")}
+
+    def fit(max_epochs, ckpt_path=None):
+        module = TinyModule()
+        records, _ = capture_lightning(module, module.net[0])
+        callback = LightningSaturation(savefile=savefile, modules=lambda m: [m.net[0]], stats=["trc"],
+                                       log_to_loggers=False)
+        checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), save_last=True)
+        trainer = lightning_trainer(tmp_path, callback, max_epochs=max_epochs, check_val_every_n_epoch=2,
+                                    num_sanity_val_steps=0, enable_checkpointing=True,
+                                    callbacks=[callback, checkpoints])
+        trainer.fit(module, *loaders(), ckpt_path=ckpt_path)
+        return records
+
+    torch.manual_seed(0)
+    fit(2)
+    first = read_csv(savefile + ".csv")
+    assert list(first.index) == [0, 1]
+    records = fit(4, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+
+    table = read_csv(savefile + ".csv")
+    assert list(table.index) == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(table.loc[[0, 1]], first)  # the finished epochs are kept as they were
+    assert {epoch for _, epoch, _, _ in records} == {2, 3}  # what the resumed run trained
+    assert np.isnan(table.loc[2, column["eval"]])  # no validation at epoch 2
+    for epoch, mode in ((2, "train"), (3, "train"), (3, "eval")):
+        rows = [out for _, e, m, out in records if e == epoch and m == mode]
+        assert table.loc[epoch, column[mode]] == pytest.approx(reference(rows)[2], rel=1e-6)
 
 
 def test_lightning_failure_removes_the_hooks_and_keeps_finished_epochs(tmp_path):

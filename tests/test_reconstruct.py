@@ -54,9 +54,19 @@ def test_reconstruct_reproduces_the_csv_writers_file(run, tmp_path):
                 lsats.append(ref["lsat"])
             assert table.at[epoch, f"average-{mode}-sat"] == pytest.approx(np.mean(lsats))
 
-    out = str(tmp_path / "again")
-    reconstruct_csv_from_npy_data(savefile, savefile=out)
-    assert open(out + ".csv").read() == open(savefile + ".csv").read()
+    out = tmp_path / "again.csv"
+    reconstruct_csv_from_npy_data(savefile, savefile=str(out))
+    assert out.read_text() == open(savefile + ".csv").read()
+
+
+@pytest.mark.parametrize("name", ["x.csv", "x", "x.tsv"])
+def test_savefile_is_the_exact_file_written(run, tmp_path, name):
+    savefile, _ = run
+    target = tmp_path / "out" / name  # a folder that does not exist yet
+    table = reconstruct_csv_from_npy_data(savefile, savefile=target)  # a Path works too
+    assert os.listdir(tmp_path / "out") == [name]  # no "x.csv.csv", no temporary file beside it
+    pd.testing.assert_frame_equal(read_csv(target), table, check_index_type=False)
+    assert target.read_text() == open(savefile + ".csv").read()
 
 
 def expected_idim(rows, thresh):
@@ -68,7 +78,7 @@ def expected_idim(rows, thresh):
 def test_a_new_threshold_is_recomputed_from_the_stored_covariances(run, tmp_path):
     savefile, rows = run
     original = read_csv(savefile + ".csv")
-    table = reconstruct_csv_from_npy_data(savefile, savefile=str(tmp_path / "t60"), thresh=0.6)
+    table = reconstruct_csv_from_npy_data(savefile, savefile=str(tmp_path / "t60.csv"), thresh=0.6)
     assert list(table.columns) == list(original.columns) and list(table.index) == [0, 1, 2]
     pd.testing.assert_frame_equal(read_csv(str(tmp_path / "t60.csv")), table, check_index_type=False)
     changed = 0

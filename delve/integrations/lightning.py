@@ -45,8 +45,9 @@ class SaturationCallback(Callback):
     validation has already run (Lightning 2 runs it before the hook) or none is due
     this epoch (``check_val_every_n_epoch``); otherwise at the end of the validation
     that follows. The sanity-check validation before training is never recorded.
-    On a run resumed from a checkpoint, rows continue at Lightning's
-    ``current_epoch``.
+    On a run resumed from a checkpoint, rows continue at the first epoch Lightning
+    starts, and the rows of the epochs before it are kept (an epoch the checkpoint
+    interrupted keeps the row its first run wrote, if any).
 
     Parameters
     ----------
@@ -87,6 +88,7 @@ class SaturationCallback(Callback):
         self._tracking = EpochTracking(savefile, save_to, modules, tracker_kwargs)
         self.log_to_loggers = bool(log_to_loggers)
         self._validated = False
+        self._attach = False  # a fit has started and its tracker is still to be made
 
     @property
     def history(self) -> Dict[int, Dict[str, Any]]:
@@ -95,17 +97,22 @@ class SaturationCallback(Callback):
 
     @property
     def tracker(self) -> Optional[CheckLayerSat]:
-        """The tracker of the current (or last) fit; ``None`` before training starts."""
+        """The tracker of the current (or last) fit; ``None`` until its first training epoch starts."""
         return self._tracking.tracker
 
     # ------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer, pl_module) -> None:
-        # Not on_fit_start: a checkpoint's epoch is restored only after it, and the
-        # sanity check, which must not be recorded, runs in between.
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        self._tracking.attach(pl_module, os.path.join(log_dir, "saturation"), trainer.current_epoch)
+        # The tracker is made at the first epoch start, not here: on a run resumed from a
+        # checkpoint taken after the validation of epoch N (check_val_every_n_epoch > 1),
+        # current_epoch still reads N here, though N is finished and N + 1 comes next.
+        self._tracking.abort()
+        self._attach = True
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._attach:
+            self._attach = False
+            log_dir = trainer.log_dir or trainer.default_root_dir
+            self._tracking.attach(pl_module, os.path.join(log_dir, "saturation"), trainer.current_epoch)
         self._validated = False
         self._report(trainer, self._tracking.open_epoch())
 

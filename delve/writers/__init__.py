@@ -87,11 +87,12 @@ def _accepted_arguments(entries: List) -> Dict[type, set]:
     return {cls: set(inspect.signature(cls).parameters) for cls in classes}
 
 
-def build_writer(save_to: WriterSpec, savepath: str, writer_args: Optional[Dict[str, Any]] = None) -> AbstractWriter:
-    """Make the writer ``save_to`` names; a list becomes a :class:`CompositWriter`.
+def build_writer(save_to: WriterSpec, savepath: str, writer_args: Optional[Dict[str, Any]] = None) -> CompositWriter:
+    """Make the writers ``save_to`` names, behind one :class:`CompositWriter`.
 
-    Each writer made from a key receives the ``writer_args`` its constructor takes
-    (see :func:`check_save_to`).
+    Even a single writer is wrapped, so that a failing writer is reported the same way
+    and never stops training. Each writer made from a key receives the ``writer_args``
+    its constructor takes (see :func:`check_save_to`).
     """
     entries = check_save_to(save_to, writer_args)
     accepted = _accepted_arguments(entries)
@@ -103,4 +104,4 @@ def build_writer(save_to: WriterSpec, savepath: str, writer_args: Optional[Dict[
             writers.append(cls(savepath=savepath, **kwargs))
         else:
             writers.append(entry)
-    return writers[0] if len(writers) == 1 else CompositWriter(writers)
+    return CompositWriter(writers)

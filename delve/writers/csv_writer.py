@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List
 
-import numpy as np
-import pandas as pd
-
-from delve._files import atomic_path
-from delve.table import column_order, read_table, write_table
-from delve.writers.base import AbstractWriter, is_scalar
+from delve._files import atomic_path, remove_temporaries
+from delve.table import RunTable, load_table, write_table
+from delve.writers.base import AbstractWriter
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +16,9 @@ class CSVWriter(AbstractWriter):
     """Write ``{savepath}.csv`` (separator ``;``), rewritten atomically on every save.
 
     The first, unnamed column is the epoch. A key first seen at a later epoch holds
-    NaN in the earlier rows; arrays (``cov``, ``spectrum``) are not written.
+    NaN in the earlier rows; arrays (``cov``, ``spectrum``) are not written. A run
+    resumed from a file that is not such a table (empty, binary, another separator)
+    stops with a ``ValueError`` naming the file, which is left as it is.
 
     Parameters
     ----------
@@ -32,33 +30,27 @@ class CSVWriter(AbstractWriter):
     def __init__(self, savepath: str):
         self.savepath = savepath
         self.path = savepath + ".csv"
-        self._rows: Dict[int, Dict[str, float]] = {}
-        self._columns: List[str] = []
-
-    def _put(self, name: str, value: Any, step) -> None:
-        if not is_scalar(value):
-            return
-        if step is None:
-            step = max(self._rows, default=0)
-        if name not in self._columns:
-            self._columns.append(name)
-        self._rows.setdefault(int(step), {})[name] = float(value)
+        self.rows = RunTable()
+        self._saved = False
 
     def add_scalar(self, name, value, global_step=None, **kwargs):
-        self._put(name, value, global_step)
+        self.rows.put(name, value, global_step)
 
     def add_scalars(self, prefix, value_dict, global_step=None, **kwargs):
         for key, value in value_dict.items():
-            self._put(f"{prefix}{key}", value, global_step)
+            self.rows.put(f"{prefix}{key}", value, global_step)
 
-    def table(self) -> pd.DataFrame:
-        """Return what was recorded as the table the file holds."""
-        epochs = sorted(self._rows)
-        columns = column_order(self._columns)
-        data = {c: [self._rows[e].get(c, np.nan) for e in epochs] for c in columns}
-        return pd.DataFrame(data, index=pd.Index(epochs), columns=columns)
+    def table(self):
+        """Return what was recorded as the table the file holds (a :class:`pandas.DataFrame`)."""
+        return self.rows.frame()
+
+    def _remove_temporaries(self) -> None:
+        remove_temporaries(os.path.dirname(os.path.abspath(self.path)), os.path.basename(self.path))
 
     def save(self):
+        if not self._saved:  # a run's first save clears what a killed one left half-written
+            self._remove_temporaries()
+            self._saved = True
         with atomic_path(self.path) as tmp:
             write_table(self.table(), tmp)
 
@@ -66,9 +58,12 @@ class CSVWriter(AbstractWriter):
         if not os.path.exists(self.path):
             logger.warning("no CSV to resume at %s; starting a new one", self.path)
             return
-        frame = read_table(self.path)
-        frame = frame[frame.index < initial_epoch]
-        self._columns = list(frame.columns)
-        self._rows = {
-            int(epoch): {k: v for k, v in row.items() if not pd.isna(v)} for epoch, row in frame.iterrows()
-        }
+        try:
+            frame = load_table(self.path)
+        except ValueError as err:
+            raise ValueError(
+                f"cannot resume from {self.path}: {err}, so it is not a table the csv writer wrote "
+                "(separator ';', the epoch as first column). Move the file away to keep it and start "
+                "again, or start a new run with initial_epoch=0"
+            ) from None
+        self.rows = RunTable.from_frame(frame[frame.index < initial_epoch])

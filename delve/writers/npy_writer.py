@@ -27,7 +27,7 @@ from typing import List, Optional, Set, Tuple
 import numpy as np
 import torch
 
-from delve._files import atomic_path, atomic_write_text
+from delve._files import atomic_path, atomic_write_text, remove_temporaries
 from delve.writers.base import AbstractWriter
 
 logger = logging.getLogger(__name__)
@@ -107,9 +107,7 @@ def read_state(root: str) -> Optional[List[Tuple[str, str, List[int]]]]:
 
 def _scan(root: str) -> List[Tuple[str, str, List[int]]]:
     entries = []
-    for folder in sorted(os.listdir(root)):
-        if not _SAFE_NAME.match(folder) or not os.path.isdir(os.path.join(root, folder)):
-            continue
+    for folder in _key_folders(root):
         epochs = []
         for name in os.listdir(os.path.join(root, folder)):
             match = _EPOCH_FILE.match(name)
@@ -158,14 +156,23 @@ class NPYWriter(AbstractWriter):
     savepath : str
         The folder everything goes into.
     zip : bool, default False
-        After each save, also write ``{savepath}.zip`` with the folder's content.
+        Also keep ``{savepath}.zip`` with the folder's content: written whole at the
+        first save of a run, then each save adds only its new files.
 
     Notes
     -----
     The resume state is the JSON file ``{savepath}/delve-npy-state.json``; arrays are
     always saved and loaded with ``allow_pickle=False``. A new run (``initial_epoch=0``)
     removes, at its first save, the files the previous run's state lists; a resumed run
-    keeps those of epochs below ``initial_epoch`` untouched.
+    keeps those of epochs below ``initial_epoch`` untouched. Without a readable state
+    file (deleted, damaged), the previous run's files are found by their names instead.
+
+    A key folder that is a symbolic link is never written to nor deleted from (its
+    values are not saved; a warning names it): everything this writer changes stays
+    inside ``{savepath}/``. Temporary files a killed save left there are removed at the
+    next run's first save. A run killed while it adds to the zip can leave the archive
+    unreadable; the folder stays complete and the next run's first save rewrites the
+    archive from it.
 
     """
 
@@ -179,18 +186,54 @@ class NPYWriter(AbstractWriter):
         self._pending: OrderedDict[Tuple[str, int], np.ndarray] = OrderedDict()
         self._step = 0
         self._ignored: Set[str] = set()
+        self._linked: Set[str] = set()  # key folders found to be symbolic links (warned once)
+        self._found: Set[str] = set()  # keys known only by their folder's name (index rebuilt from the files)
+        self._archived: Set[str] = set()  # zip members this writer wrote; empty until the zip is written whole
+        self._saved = False
         self._previous = self._previous_files()
 
     # ------------------------------------------------------------ state
+    def _remove_temporaries(self) -> None:
+        archive = os.path.abspath(self.savepath + ".zip")  # with or without zip=True: an earlier run's
+        remove_temporaries(os.path.dirname(archive), os.path.basename(archive))
+        if not os.path.isdir(self.root):
+            return
+        remove_temporaries(self.root, STATE_FILE)
+        for folder in _key_folders(self.root):
+            remove_temporaries(os.path.join(self.root, folder), re.compile(re.escape(folder) + r"_epoch\d+\.npy"))
+
     def _previous_files(self) -> List[Tuple[str, str, List[int]]]:
         try:
-            return read_state(self.root) or []
+            entries = read_state(self.root)
         except ValueError as err:
-            logger.warning("ignoring the previous npy state: %s", err)
-            return []
+            logger.warning("the previous npy state is unreadable (%s); its index is rebuilt from the files", err)
+            entries = None
+        if entries is not None or not os.path.isdir(self.root):
+            return entries or []
+        entries = _scan(self.root)
+        if entries:
+            logger.warning(
+                "%s has no readable %s: the earlier run's %d key(s) were found by their folder names "
+                "(a sanitised name becomes its key's own again when this run writes that key)",
+                self.root, STATE_FILE, len(entries),
+            )
+            self._found = {key for key, _, _ in entries}
+        return entries
 
     def _path(self, key: str, epoch: int) -> str:
         return epoch_file(self.root, folder_name(key), epoch)
+
+    def _is_link(self, key: str, folder: str) -> bool:
+        """Whether a key's folder is a symbolic link, which this writer leaves alone (warned once per key)."""
+        if not os.path.islink(os.path.join(self.root, folder)):
+            return False
+        if key not in self._linked:
+            self._linked.add(key)
+            logger.warning(
+                "npy writer: %s is a symbolic link; the values of %r are neither written there nor deleted "
+                "from there (replace the link by a folder to save them)", os.path.join(self.root, folder), key,
+            )
+        return True
 
     def resume_from_saved_state(self, initial_epoch: int) -> None:
         if not self._previous:
@@ -199,6 +242,8 @@ class NPYWriter(AbstractWriter):
         for key, folder, epochs in self._previous:
             if folder != folder_name(key):
                 logger.warning("npy state: key %r is not in its expected folder; it is not resumed", key)
+                continue
+            if self._is_link(key, folder):
                 continue
             kept = [e for e in epochs if e < initial_epoch and os.path.isfile(epoch_file(self.root, folder, e))]
             if len(kept) < sum(e < initial_epoch for e in epochs):
@@ -228,8 +273,17 @@ class NPYWriter(AbstractWriter):
                 self._ignored.add(key)
                 logger.warning("npy writer: %r is not numeric (%s); it is not saved", key, array.dtype)
             return
+        if key not in self._epochs:
+            self._adopt_found(key)
         self._epochs.setdefault(key, [])
         self._pending[(key, self._step)] = array
+
+    def _adopt_found(self, key: str) -> None:
+        """Give a key found only by its sanitised folder name (index rebuilt from files) its true name."""
+        folder = folder_name(key)
+        if folder != key and folder in self._found and folder in self._epochs:
+            self._found.discard(folder)
+            self._epochs = OrderedDict((key if k == folder else k, v) for k, v in self._epochs.items())
 
     def add_scalar(self, name, value, global_step=None, **kwargs):
         self._put(name, value, global_step)
@@ -242,23 +296,31 @@ class NPYWriter(AbstractWriter):
 
     # ------------------------------------------------------------ files
     def save(self):
+        if not self._saved:  # a run's first save clears what a killed one left half-written
+            self._remove_temporaries()
+            self._saved = True
+        written = []
         while self._pending:
             (key, step), array = next(iter(self._pending.items()))
-            with atomic_path(self._path(key, step)) as tmp:
-                np.save(tmp, array, allow_pickle=False)
-            if step not in self._epochs[key]:
-                insort(self._epochs[key], step)
+            if not self._is_link(key, folder_name(key)):
+                with atomic_path(self._path(key, step)) as tmp:
+                    np.save(tmp, array, allow_pickle=False)
+                if step not in self._epochs[key]:
+                    insort(self._epochs[key], step)
+                written.append(self._path(key, step))
             del self._pending[(key, step)]
         self._remove_previous()
         atomic_write_text(os.path.join(self.root, STATE_FILE), json.dumps(self._state(), indent=1))
         if self.zip_path is not None:
-            self._write_zip()
+            self._update_zip(written)
 
     def _remove_previous(self) -> None:
         """Delete the files of the previous run that this run does not keep (once, at the first save)."""
         current = {(folder_name(k), e) for k, epochs in self._epochs.items() for e in epochs}
         folders = set()
-        for _, folder, epochs in self._previous:
+        for key, folder, epochs in self._previous:
+            if self._is_link(key, folder):
+                continue
             for epoch in epochs:
                 if (folder, epoch) in current:
                     continue
@@ -273,18 +335,73 @@ class NPYWriter(AbstractWriter):
                 pass
         self._previous = []
 
-    def _write_zip(self) -> None:
+    # -------------------------------------------------------------- zip
+    def _member(self, path: str) -> str:
         base = os.path.basename(os.path.normpath(self.root)) or "npy"
+        return "/".join([base] + os.path.relpath(path, self.root).split(os.sep))
+
+    def _update_zip(self, written: List[str]) -> None:
+        """Add this save's files to the archive; write it whole at a run's first save or when it is not as left."""
+        if self._archived:
+            try:
+                self._append_to_zip(written)
+                return
+            except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as err:
+                logger.warning("%s cannot be added to (%s); it is written anew", self.zip_path, err)
+        self._write_zip()
+
+    def _write_zip(self) -> None:
+        files = [os.path.join(self.root, STATE_FILE)]
+        for key, epochs in self._epochs.items():
+            files += [self._path(key, epoch) for epoch in epochs]
+        files.append(files.pop(0))  # the index last: each later save replaces it there
         with atomic_path(self.zip_path) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                archive.write(os.path.join(self.root, STATE_FILE), f"{base}/{STATE_FILE}")
-                for key, epochs in self._epochs.items():
-                    folder = folder_name(key)
-                    for epoch in epochs:
-                        path = epoch_file(self.root, folder, epoch)
-                        archive.write(path, f"{base}/{folder}/{os.path.basename(path)}")
+                for path in files:
+                    archive.write(path, self._member(path))
+        self._archived = {self._member(path) for path in files}
+
+    def _append_to_zip(self, written: List[str]) -> None:
+        index = self._member(os.path.join(self.root, STATE_FILE))
+        new = [path for path in written if self._member(path) not in self._archived]
+        if len(new) < len(written):
+            raise ValueError("an archived file was written again")
+        with zipfile.ZipFile(self.zip_path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+            members = archive.infolist()
+            if len(members) != len(self._archived) or not members or members[-1].filename != index:
+                raise ValueError("the archive was changed by someone else")
+            _drop_last_member(archive)
+            for path in new:
+                archive.write(path, self._member(path))
+            archive.write(os.path.join(self.root, STATE_FILE), index)
+        self._archived.update(self._member(path) for path in new)
 
     def close(self):
         if self._pending:  # values added with save=False still reach the disk
             self.save()
 
+
+def _key_folders(root: str) -> List[str]:
+    """Return the sub-folders of an npy folder that can be key folders, symbolic links left out."""
+    return [
+        name for name in sorted(os.listdir(root))
+        if _SAFE_NAME.match(name) and not os.path.islink(os.path.join(root, name))
+        and os.path.isdir(os.path.join(root, name))
+    ]
+
+
+def _drop_last_member(archive: zipfile.ZipFile) -> None:
+    """Forget an archive's last member so that what is written next overwrites it in place.
+
+    zipfile cannot remove a member. The npy index, rewritten at every save, is kept as
+    the archive's last member; dropping it from the directory and moving the write
+    position back to its header replaces exactly it, without copying the other
+    members. Any surprise in zipfile's internals raises, and the caller then writes
+    the archive anew.
+    """
+    last = archive.filelist[-1]
+    if archive.NameToInfo.get(last.filename) is not last:
+        raise ValueError("unexpected archive directory")
+    archive.filelist.pop()
+    del archive.NameToInfo[last.filename]
+    archive.start_dir = last.header_offset

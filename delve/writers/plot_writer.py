@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
 from delve import plotting
+from delve._files import remove_temporaries
 from delve.keys import parse_key
 from delve.writers.csv_writer import CSVWriter
 
@@ -60,9 +63,16 @@ class CSVandPlottingWriter(CSVWriter):
         self._arrays: Dict[int, Dict[str, np.ndarray]] = {}  # per epoch: vector and samples stats
         self._warned_primary = False
 
+    def _remove_temporaries(self) -> None:
+        super()._remove_temporaries()
+        # Only the names of this writer's pictures, in its folder.
+        names = r"_[A-Za-z0-9]+_(train|eval)_(epoch_\d+|history)\.png"
+        pictures = re.compile(re.escape(os.path.basename(self.savepath)) + names)
+        remove_temporaries(os.path.dirname(os.path.abspath(self.path)), pictures)
+
     def _step(self, global_step) -> int:
         # The step CSVWriter files a value under when none is given.
-        return int(global_step) if global_step is not None else max(self._rows, default=0)
+        return int(global_step) if global_step is not None else self.rows.last_epoch
 
     def add_scalar(self, name, value, global_step=None, **kwargs):
         super().add_scalar(name, value, global_step=global_step, **kwargs)

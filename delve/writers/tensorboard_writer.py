@@ -22,9 +22,11 @@ class TensorBoardWriter(AbstractWriter):
 
     Every scalar key becomes a scalar tag at step = epoch. A vector statistic such as
     ``spectrum`` (the ``k`` leading eigenvalues) becomes one tag per entry,
-    ``{key}/rank-{i}`` with ``i = 1 … k`` (rank 1 is the largest eigenvalue). Arrays such as ``cov`` and
-    ``embed`` are not written (the npy writer stores them). Events are flushed at
-    every save.
+    ``{key}/rank-{i}`` with ``i = 1 … k`` (rank 1 is the largest eigenvalue). Arrays such
+    as ``cov`` and ``embed`` are not written (the npy writer stores them). Every save
+    closes the event file it wrote to, so the epoch is on disk when the save returns (a
+    run killed later keeps it); the next epoch goes to a new file in the same folder,
+    which TensorBoard reads as one run.
 
     Each run writes its own event file and starts it with a purge marker at its first
     epoch, so TensorBoard hides the steps an earlier run wrote at or after that
@@ -39,7 +41,8 @@ class TensorBoardWriter(AbstractWriter):
     savepath : str
         The log folder (``logdir``).
     flush_secs : int, default 120
-        How often tensorboardX flushes pending events on its own, between saves.
+        How often tensorboardX flushes pending events on its own between saves (values
+        only arrive just before a save, so this rarely matters).
 
     """
 
@@ -101,8 +104,10 @@ class TensorBoardWriter(AbstractWriter):
             self._put(f"{prefix}{key}", value, global_step)
 
     def save(self):
-        if self._writer is not None:
-            self._writer.flush()
+        # tensorboardX writes from a thread of its own, and its flush() does not wait for
+        # the events still queued; closing does. So a saved epoch is on disk when save()
+        # returns, and the next epoch's values open a new file in the folder.
+        self.close()
 
     def close(self):
         if self._writer is not None:
