@@ -138,9 +138,12 @@ def synchronize(
 
 def _union_state(width: int, shift: torch.Tensor, n: torch.Tensor, total: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Return the union's count, mean and scatter from its moments ``[t, lower triangle of S]`` about ``shift``."""
-    second = torch.zeros(width, width, dtype=torch.float64, device=total.device)
-    second.masked_scatter_(_lower(width, total.device), total[width:])
-    second += second.tril(-1).T
+    lower = _lower(width, total.device)
+    second = torch.empty(width, width, dtype=torch.float64, device=total.device)
+    second.masked_scatter_(lower, total[width:])
+    # The transpose's lower triangle in row-major order is the upper triangle column by
+    # column: the same values, mirrored. Every entry is written by one of the two.
+    second.T.masked_scatter_(lower, total[width:])
     first = total[:width]
     # M = S - t tᵀ/n re-centres exactly on the union's mean: t/n is the small distance
     # from the shift to it, so nothing cancels. u uᵀ is symmetric to the last bit.
