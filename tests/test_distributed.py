@@ -139,7 +139,7 @@ def _union_case(key: str, rank: int, world: int):
         return (gen.standard_normal((rows, 6)) + 1e4).astype(np.float32)
     if key == "mixed":  # |mean| = 1e4·std on some ranks, 0 on the others
         return (gen.standard_normal((rows, 5)) + (1e4 if rank % 2 == 0 else 0.0)).astype(np.float32)
-    if key == "far64":  # float64 rows with |mean| = 1e7·std: raw moments would lose every digit
+    if key == "far64":  # float64 rows with |mean| = 1e7·std: raw moments would keep two digits
         return gen.standard_normal((rows, 4)) * np.array([1.0, 2.0, 0.5, 1.0]) + 1e7
     if key == "last-only":
         return gen.standard_normal((rows, 3)).astype(np.float32) if rank == world - 1 else None
