@@ -21,6 +21,8 @@ LayerFilter = Callable[[Dict[str, nn.Module]], Dict[str, nn.Module]]
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 # Attributes under which wrappers keep the module they wrap (torch.compile, activation
 # checkpointing, FSDP): not part of the model's own structure, so not of layer names.
+# FSDP2's fully_shard wraps nothing: it swaps the classes of the modules in place (an
+# FSDPLinear is still an nn.Linear), so its layers keep their paths as they are.
 _WRAPPER_ATTRIBUTES = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
 
 
