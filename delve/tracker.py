@@ -10,11 +10,12 @@ eigendecomposition per layer and mode) → writers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from delve.epoch import EpochValues, epoch_values
 from delve.gram import release_workspace
 from delve.keys import Key
 from delve.recorder import Recorder
+from delve.validation import check_row_mask
 from delve.writers import AbstractWriter, WriterSpec, build_writer
 
 logger = logging.getLogger(__name__)
@@ -240,6 +242,41 @@ class CheckLayerSat:
         """
         return self._recorder.accumulator(layer, mode)
 
+    @contextlib.contextmanager
+    def row_mask(self, mask: Optional[torch.Tensor]) -> Iterator[None]:
+        """Record only the real positions of the sequences of the forward passes inside the block.
+
+        ``with tracker.row_mask(batch["attention_mask"]): model(**batch)``: padded
+        positions are then left out of every tracked sequence output whose leading
+        dimensions are ``(batch, time)`` (``(time, batch)`` for time-major recurrent and
+        attention layers). ``timestepwise`` keeps the rows where the mask is true;
+        ``last_timestep`` takes each sequence's last true position, for left and right
+        padding alike, and nothing from a sequence with none. Outputs of other shapes
+        (pooled ``(batch, features)`` heads, feature maps) are unaffected, and so is an
+        output whose own sequence length differs from the mask's (a decoder's). Nothing
+        waits for the device: padded rows get zero weight instead of being cut out.
+        ``max_samples`` still counts samples of the batch dimension.
+
+        Parameters
+        ----------
+        mask : torch.Tensor or None
+            ``(batch, time)``, boolean or 0/1 (nonzero is real), best on the model's
+            device. ``None`` masks nothing.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a mask that is not a two-dimensional real or boolean tensor.
+
+        """
+        checked = check_row_mask("mask", mask)
+        previous = self._recorder.row_mask
+        self._recorder.row_mask = checked
+        try:
+            yield
+        finally:
+            self._recorder.row_mask = previous
+
     # ------------------------------------------------------------- user values
     def add_scalar(self, name: str, value: Any, **kwargs) -> None:
         """Record a value of your own (a loss, an accuracy) in the current epoch; the last one wins.
@@ -328,14 +365,31 @@ class CheckLayerSat:
         return recorded
 
     def _warn_silent_layers(self) -> None:
+        called = self._recorder.called
+        heard = {name for name, _ in called}
+        active = {mode for _, mode in called if mode in self.config.modes}  # modes other layers ran in
         for name in self.layers:
-            if name not in self._recorder.called and self._recorder.first_time("never called", name):
-                logger.warning(
-                    "layer %s saw no forward pass this epoch, so it reports nothing. A layer used only "
-                    "through its weights (nn.MultiheadAttention.out_proj is one) never runs its hooks; "
-                    "leave it out with ignore_layer_names",
-                    name,
-                )
+            if name not in heard:
+                if self._recorder.first_time("never called", name):
+                    logger.warning(
+                        "layer %s saw no forward pass this epoch, so it reports nothing. A layer used only "
+                        "through its weights (by a parent calling F.linear with them) never runs its hooks; "
+                        "leave it out with ignore_layer_names",
+                        name,
+                    )
+                continue
+            for mode in sorted(active):
+                if (name, mode) not in called and self._recorder.first_time("never called", name, mode):
+                    logger.warning(
+                        "layer %s saw no %s forward pass this epoch while other tracked layers did, so it reports "
+                        "no %s statistics. Either the model skips it in that mode, or a fused fast path ran "
+                        "the layer without calling it: on PyTorch versions whose nn.TransformerEncoderLayer "
+                        "takes its fast path in evaluation under no_grad despite hooks, "
+                        "torch.backends.mha.set_fastpath_enabled(False) makes it visible again",
+                        name,
+                        mode,
+                        mode,
+                    )
 
     def _write_user_scalars(self, step) -> None:
         for name, value in self._user_scalars.items():
