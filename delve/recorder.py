@@ -95,7 +95,7 @@ class EmbedSamples:
             self.filled = torch.zeros((), dtype=torch.int64, device=x.device)
         device = self.rows.device  # nn.DataParallel replicas offer from their own GPUs
         candidates = candidates.to(device, non_blocking=True)
-        count = count.to(device, non_blocking=True)
+        count = count.to(device, non_blocking=True).clamp_max(candidates.shape[0])
         # Slot j takes candidate j - filled while that is one of the `count` taken.
         source = torch.arange(EMBED_SAMPLES, device=device) - self.filled
         take = (source >= 0) & (source < count)
@@ -324,6 +324,33 @@ class Recorder:
                 accumulator.dim,
             )
         return False
+
+    def warn_silent_layers(self) -> None:
+        """Warn, once per layer (and mode), about tracked layers whose hooks did not run this epoch."""
+        heard = {name for name, _ in self.called}
+        active = {mode for _, mode in self.called if mode in self.config.modes}  # modes other layers ran in
+        for name in self.layers:
+            if name not in heard:
+                if self.first_time("never called", name):
+                    logger.warning(
+                        "layer %s saw no forward pass this epoch, so it reports nothing. A layer used only "
+                        "through its weights (by a parent calling F.linear with them) never runs its hooks; "
+                        "leave it out with ignore_layer_names",
+                        name,
+                    )
+                continue
+            for mode in sorted(active):
+                if (name, mode) not in self.called and self.first_time("never called", name, mode):
+                    logger.warning(
+                        "layer %s saw no %s forward pass this epoch while other tracked layers did, so it reports "
+                        "no %s statistics. Either the model skips it in that mode, or a fused fast path ran "
+                        "the layer without calling it: on PyTorch versions whose nn.TransformerEncoderLayer "
+                        "takes its fast path in evaluation under no_grad despite hooks, "
+                        "torch.backends.mha.set_fastpath_enabled(False) makes it visible again",
+                        name,
+                        mode,
+                        mode,
+                    )
 
     def new_epoch(self, reset_covariance: bool) -> None:
         """Start the next epoch: counts and samples cleared, accumulators reset if asked."""

@@ -255,7 +255,9 @@ class CheckLayerSat:
         (pooled ``(batch, features)`` heads, feature maps) are unaffected, and so is an
         output whose own sequence length differs from the mask's (a decoder's). Nothing
         waits for the device: padded rows get zero weight instead of being cut out.
-        ``max_samples`` still counts samples of the batch dimension.
+        ``max_samples`` still counts samples of the batch dimension. Under
+        ``nn.DataParallel`` each replica sees a slice of the batch, which the mask does
+        not describe: it applies to nothing there.
 
         Parameters
         ----------
@@ -351,7 +353,7 @@ class CheckLayerSat:
             raise RuntimeError("add_saturations() called on a closed tracker")
         values, samples = self.compute_statistics()
         if self._recorder.recording:
-            self._warn_silent_layers()
+            self._recorder.warn_silent_layers()
         step = self.epoch
         if self.writer is not None and distributed.is_writer():
             self._safely(self._write_epoch, values, samples, step, save)
@@ -363,33 +365,6 @@ class CheckLayerSat:
         self._recorder.new_epoch(self.config.reset_covariance)
         self.epoch += 1
         return recorded
-
-    def _warn_silent_layers(self) -> None:
-        called = self._recorder.called
-        heard = {name for name, _ in called}
-        active = {mode for _, mode in called if mode in self.config.modes}  # modes other layers ran in
-        for name in self.layers:
-            if name not in heard:
-                if self._recorder.first_time("never called", name):
-                    logger.warning(
-                        "layer %s saw no forward pass this epoch, so it reports nothing. A layer used only "
-                        "through its weights (by a parent calling F.linear with them) never runs its hooks; "
-                        "leave it out with ignore_layer_names",
-                        name,
-                    )
-                continue
-            for mode in sorted(active):
-                if (name, mode) not in called and self._recorder.first_time("never called", name, mode):
-                    logger.warning(
-                        "layer %s saw no %s forward pass this epoch while other tracked layers did, so it reports "
-                        "no %s statistics. Either the model skips it in that mode, or a fused fast path ran "
-                        "the layer without calling it: on PyTorch versions whose nn.TransformerEncoderLayer "
-                        "takes its fast path in evaluation under no_grad despite hooks, "
-                        "torch.backends.mha.set_fastpath_enabled(False) makes it visible again",
-                        name,
-                        mode,
-                        mode,
-                    )
 
     def _write_user_scalars(self, step) -> None:
         for name, value in self._user_scalars.items():
