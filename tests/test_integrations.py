@@ -382,6 +382,8 @@ def test_bad_arguments_fail_when_the_callback_is_made(callback_class):
         callback_class(modules="encoder")
     with pytest.raises(TypeError, match="layer_filter"):
         callback_class(layer_filter=["encoder"])
+    with pytest.raises(ValueError, match="use_attention_mask must be True or False, got 'yes'"):
+        callback_class(use_attention_mask="yes")
     # A filter that would keep nothing of a stand-in layer is fine: it is meant for the model.
     callback_class(layer_filter=lambda layers: {}, include_conv=False, ignore_layer_names=["Module-0-Linear"])
 
@@ -601,3 +603,37 @@ def test_lightning_callback_leaves_the_padding_of_mapping_batches_out(tmp_path):
             key = f"{mode}-covariance-matrix_proj"
             saved = np.load(os.path.join(savefile, key, f"{key}_epoch{epoch}.npy"))
             assert rel_err(saved, np_cov(np.concatenate(rows))) < 1e-6, (epoch, mode)
+
+
+@pytest.mark.parametrize("use_attention_mask", [True, False], ids=["mask_on", "mask_off"])
+def test_lightning_callback_mask_can_be_turned_off(tmp_path, use_attention_mask):
+    # The callback driven through its Lightning hooks: one epoch of two padded mapping batches.
+    from types import SimpleNamespace
+
+    torch.manual_seed(1)
+    module = PaddedTagger()
+    outputs = []
+    module.proj.register_forward_hook(lambda m, inputs, out: outputs.append(out.detach().double().numpy()))
+    callback = LightningSaturation(
+        nosave=True, stats=["cov"], timeseries_method="timestepwise", use_attention_mask=use_attention_mask
+    )
+    trainer = SimpleNamespace(
+        log_dir=str(tmp_path), default_root_dir=str(tmp_path), current_epoch=0, enable_validation=False, loggers=[]
+    )
+    callback.on_train_start(trainer, module)
+    callback.on_train_epoch_start(trainer, module)
+    dataset = VariableLengthTokens(8, seed=5)
+    masks = []
+    for start in (0, 4):
+        batch = pad_batch([dataset[i] for i in range(start, start + 4)], side="left")
+        masks.append(batch["attention_mask"].bool().numpy())
+        callback.on_train_batch_start(trainer, module, batch, start // 4)
+        module(batch["input_ids"])
+        callback.on_train_batch_end(trainer, module, None, batch, start // 4)
+    callback.on_train_epoch_end(trainer, module)
+    callback.on_train_end(trainer, module)
+    if use_attention_mask:
+        rows = np.concatenate([out[mask] for out, mask in zip(outputs, masks)])
+    else:
+        rows = np.concatenate([out.reshape(-1, 5) for out in outputs])
+    assert rel_err(callback.history[0]["train-covariance-matrix_proj"], np_cov(rows)) < 1e-6
