@@ -1,16 +1,28 @@
 """The rules that turn a layer's output into rows of a data matrix (SPEC §3), one per kind of layer.
 
-A rule receives the layer, what its forward returned, the tracker's :class:`RowOptions`
-and an optional ``limit`` on the samples of the batch dimension, and returns the rows as
-a ``(..., features)`` tensor (every index of the leading dimensions is a row; a view
-wherever the layout allows) together with the number of samples they cover. Which rule
-a layer type gets is declared in :mod:`delve.layers`.
+A rule receives the layer, what its forward returned, the tracker's :class:`RowOptions`,
+an optional ``limit`` on the samples of the batch dimension and an optional row ``mask``,
+and returns :class:`Rows`: a ``(..., features)`` tensor (every index of the leading
+dimensions is a row; a view wherever the layout allows), the number of samples it
+covers and, under a mask, which of its rows are real. Which rule a layer type gets is
+declared in :mod:`delve.layers`.
+
+The row mask
+    A ``(batch, time)`` boolean tensor saying which positions of a batch of sequences are
+    real (a tokenizer's ``attention_mask``). It applies to every sequence output whose
+    leading dimensions are ``(batch, time)`` in the layer's layout (``(time, batch)`` for
+    time-major recurrent and attention layers); other outputs ignore it. Under
+    ``timestepwise`` the real positions are the rows; under ``last_timestep`` each
+    sequence's row is its last real position, wherever the padding is (left or right),
+    and a sequence without any real position gives none. Padded rows are not removed from
+    the tensor, which would need the host to learn their number from the device: they
+    are marked in :attr:`Rows.valid` and the accumulator gives them no weight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +34,8 @@ __all__ = [
     "INTERPOLATION_MODES",
     "TIMESERIES_METHODS",
     "RowOptions",
+    "Rows",
+    "attention_rows",
     "conv_data_matrix",
     "conv_rows",
     "dense_rows",
@@ -33,7 +47,29 @@ CONV_METHODS = ("channelwise", "mean", "max", "median", "flatten")
 TIMESERIES_METHODS = ("last_timestep", "timestepwise")
 INTERPOLATION_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear", "area")
 _LINEAR_BY_RANK = {1: "linear", 2: "bilinear", 3: "trilinear"}
-Rows = Tuple[torch.Tensor, int]
+#: A ``(batch, time)`` boolean tensor of the real positions, or ``None``.
+Mask = Optional[torch.Tensor]
+
+
+class Rows(NamedTuple):
+    """What a rule makes of one output.
+
+    Attributes
+    ----------
+    data : torch.Tensor
+        ``(..., features)``: every index of the leading dimensions is a row.
+    samples : int
+        The number of samples of the batch dimension the rows cover (``max_samples``
+        counts these).
+    valid : torch.Tensor or None
+        Boolean, of shape ``data.shape[:-1]``: which rows are real under a row mask
+        (``None``: all of them). It stays on the device.
+
+    """
+
+    data: torch.Tensor
+    samples: int
+    valid: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -46,14 +82,21 @@ class RowOptions:
     interpolation_downsampling: Optional[int] = 32
 
 
-def dense_rows(module: nn.Module, output: Any, options: RowOptions, limit: Optional[int] = None) -> Rows:
-    """Rows of a dense layer: ``(B, F)`` as is, ``(B, T, F)`` by ``timeseries_method``, more dims flattened."""
-    return _dense(output, options.timeseries_method, limit)
+def dense_rows(
+    module: nn.Module, output: Any, options: RowOptions, limit: Optional[int] = None, mask: Mask = None
+) -> Rows:
+    """Rows of a dense layer: ``(B, F)`` as is, ``(B, T, F)`` by ``timeseries_method``, more dims flattened.
+
+    A row mask applies to outputs whose leading dimensions are ``(B, T)``.
+    """
+    return _dense(output, options.timeseries_method, limit, mask)
 
 
-def conv_rows(module: nn.Module, output: Any, options: RowOptions, limit: Optional[int] = None) -> Rows:
-    """Rows of a convolution's feature map by ``conv_method``, after the optional interpolation."""
-    return _convolution_rows(
+def conv_rows(
+    module: nn.Module, output: Any, options: RowOptions, limit: Optional[int] = None, mask: Mask = None
+) -> Rows:
+    """Rows of a convolution's feature map by ``conv_method``, after the optional interpolation (no row mask)."""
+    rows, batch = _convolution_rows(
         output,
         options.conv_method,
         options.interpolation_strategy,
@@ -61,24 +104,91 @@ def conv_rows(module: nn.Module, output: Any, options: RowOptions, limit: Option
         limit,
         len(module.kernel_size),
     )
+    return Rows(rows, batch)
 
 
-def recurrent_rows(module: nn.Module, output: Any, options: RowOptions, limit: Optional[int] = None) -> Rows:
-    """Rows of a recurrent layer's output sequence (``batch_first`` and ``PackedSequence`` honoured)."""
+def recurrent_rows(
+    module: nn.Module, output: Any, options: RowOptions, limit: Optional[int] = None, mask: Mask = None
+) -> Rows:
+    """Rows of a recurrent layer's output sequence (``batch_first`` and ``PackedSequence`` honoured).
+
+    A ``PackedSequence`` holds its valid steps only and needs no row mask.
+    """
     sequence = output[0] if isinstance(output, tuple) else output
-    return _recurrent(sequence, module.batch_first, options.timeseries_method, limit)
+    if isinstance(sequence, PackedSequence):
+        return _packed(sequence, options.timeseries_method, limit)
+    return _sequence(sequence, module.batch_first, options.timeseries_method, limit, mask)
 
 
+def attention_rows(
+    module: nn.Module, output: Any, options: RowOptions, limit: Optional[int] = None, mask: Mask = None
+) -> Rows:
+    """Rows of an attention layer's output, the first element of its result, by ``timeseries_method``.
 
-def _dense(x: torch.Tensor, timeseries_method: str, limit: Optional[int]):
+    The output is ``(B, T, E)`` with ``batch_first``, else ``(T, B, E)``; a nested tensor
+    (what ``nn.TransformerEncoder`` passes its layers in evaluation when it drops the
+    padding itself) holds the real positions only.
+    """
+    attended = output[0] if isinstance(output, tuple) else output
+    return _sequence(attended, getattr(module, "batch_first", True), options.timeseries_method, limit, mask)
+
+
+def _dense(x: torch.Tensor, timeseries_method: str, limit: Optional[int], mask: Mask) -> Rows:
+    if x.is_nested or x.dim() == 3:
+        return _sequence(x, True, timeseries_method, limit, mask)
     if x.dim() == 1:
         x = x.unsqueeze(0)
+    applies = mask is not None and x.dim() > 3 and tuple(x.shape[:2]) == tuple(mask.shape)
     if limit is not None:
         x = x[:limit]
-    batch = x.shape[0]
-    if x.dim() == 3 and timeseries_method == "last_timestep":
-        return x[:, -1], batch
-    return x, batch
+    if not applies:
+        return Rows(x, x.shape[0])
+    # Outputs of more dimensions are flattened whatever the method: every real position's rows count.
+    valid = mask[: x.shape[0]].to(x.device, torch.bool)
+    valid = valid.view(*valid.shape, *([1] * (x.dim() - 3))).expand(x.shape[:-1])
+    return Rows(x, x.shape[0], valid)
+
+
+def _sequence(
+    x: torch.Tensor, batch_first: bool, method: str, limit: Optional[int], mask: Mask
+) -> Rows:
+    """Rows of a ``(B, T, F)`` (``batch_first``) or ``(T, B, F)`` sequence output, under an optional row mask."""
+    if x.is_nested:
+        return _nested(x, method, limit)
+    if x.dim() == 2:  # unbatched input: (T, F) is one sequence
+        x, batch_first = x.unsqueeze(0), True
+    batch_dim = 0 if batch_first else 1
+    lead = tuple(x.shape[:2]) if batch_first else (x.shape[1], x.shape[0])
+    if mask is not None and tuple(mask.shape) != lead:
+        mask = None  # another shape: the mask is about other sequences
+    if limit is not None:
+        x = x.narrow(batch_dim, 0, min(limit, x.shape[batch_dim]))
+    batch = x.shape[batch_dim]
+    if mask is None:
+        if method == "last_timestep":
+            return Rows(x.select(1 - batch_dim, -1), batch)
+        # Row order does not change a covariance, so time-major output needs no transpose.
+        return Rows(x, batch)
+    mask = mask[:batch].to(x.device, torch.bool)
+    if method == "timestepwise":
+        return Rows(x, batch, mask if batch_first else mask.T)
+    # The last real position of each sequence, found on the device: -1 where there is none.
+    steps = torch.arange(mask.shape[1], device=x.device)
+    last = torch.where(mask, steps, -1).amax(1)
+    samples = torch.arange(batch, device=x.device)
+    position = last.clamp_min(0)
+    rows = x[samples, position] if batch_first else x[position, samples]
+    return Rows(rows, batch, last >= 0)
+
+
+def _nested(x: torch.Tensor, method: str, limit: Optional[int]) -> Rows:
+    # A nested tensor's sizes live on the host: its sequences come apart without a sync.
+    sequences = x.unbind()[:limit]
+    steps = torch.cat(sequences)
+    if method == "last_timestep":
+        ends = [s[-1:] for s in sequences if s.shape[0]]
+        return Rows(torch.cat(ends) if ends else steps[:0], len(sequences))
+    return Rows(steps, len(sequences))
 
 
 def conv_data_matrix(
@@ -154,33 +264,22 @@ def _convolution_rows(
     raise ValueError(f"unknown conv_method {method!r}; valid methods are {list(CONV_METHODS)}")
 
 
-def _recurrent(out, batch_first: bool, method: str, limit: Optional[int]):
-    if isinstance(out, PackedSequence):
-        sequences = int(out.batch_sizes[0])  # batch_sizes lives on the host: no device sync
-        if method == "timestepwise" and (limit is None or limit >= sequences):
-            # The packed data already holds exactly the valid steps, one per row; row
-            # order does not change a covariance.
-            return out.data, sequences
-        padded, lengths = pad_packed_sequence(out, batch_first=True)
-        if limit is not None:
-            padded, lengths = padded[:limit], lengths[:limit]
-        batch, steps, _ = padded.shape
-        # lengths comes back on the host; an asynchronous copy lets a GPU keep running.
-        lengths = lengths.to(padded.device, non_blocking=True)
-        if method == "last_timestep":
-            return padded[torch.arange(batch, device=padded.device), lengths - 1], batch
-        valid = torch.arange(steps, device=padded.device).unsqueeze(0) < lengths.unsqueeze(1)
-        return padded[valid], batch
-    if out.dim() == 2:  # unbatched input: (T, F) is one sequence
-        out, batch_first = out.unsqueeze(0), True
-    batch_dim = 0 if batch_first else 1
+def _packed(out: PackedSequence, method: str, limit: Optional[int]) -> Rows:
+    sequences = int(out.batch_sizes[0])  # batch_sizes lives on the host: no device sync
+    if method == "timestepwise" and (limit is None or limit >= sequences):
+        # The packed data already holds exactly the valid steps, one per row; row
+        # order does not change a covariance.
+        return Rows(out.data, sequences)
+    padded, lengths = pad_packed_sequence(out, batch_first=True)
     if limit is not None:
-        out = out.narrow(batch_dim, 0, min(limit, out.shape[batch_dim]))
-    batch = out.shape[batch_dim]
+        padded, lengths = padded[:limit], lengths[:limit]
+    batch, steps, _ = padded.shape
+    # lengths comes back on the host; an asynchronous copy lets a GPU keep running.
+    lengths = lengths.to(padded.device, non_blocking=True)
     if method == "last_timestep":
-        return out.select(1 - batch_dim, -1), batch
-    # Row order does not change a covariance, so time-major output needs no transpose.
-    return out, batch
+        return Rows(padded[torch.arange(batch, device=padded.device), lengths - 1], batch)
+    valid = torch.arange(steps, device=padded.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return Rows(padded, batch, valid)
 
 
 def first_rows(rows: torch.Tensor, count: int) -> torch.Tensor:

@@ -223,7 +223,7 @@ class TorchCovarianceMatrix:
         self._update(x)
 
     @torch.no_grad()
-    def update_rows(self, x: torch.Tensor) -> None:
+    def update_rows(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
         """Merge a tensor of shape ``(..., features)``: every index of the leading dimensions is a row.
 
         This reads layer outputs without reshaping them first: the rows of a
@@ -234,14 +234,23 @@ class TorchCovarianceMatrix:
         ----------
         x : torch.Tensor
             At least two dimensions, any floating dtype, any strides.
+        valid : torch.Tensor, optional
+            Boolean, of shape ``x.shape[:-1]``: only the rows where it is true are merged
+            (the padding of a batch of sequences is left out). The others get no weight
+            in the copy the accumulator makes anyway, so nothing waits for the device to
+            count them, and a NaN in them does not make the batch skipped.
 
         """
         if x.dim() < 2:
             raise ValueError(f"update_rows expects a (..., features) tensor, got shape {tuple(x.shape)}")
-        self._update(x)
+        if valid is not None and tuple(valid.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"valid must have the leading shape {tuple(x.shape[:-1])} of the rows, got {tuple(valid.shape)}"
+            )
+        self._update(x, valid)
 
     @run_eagerly
-    def _update(self, x: torch.Tensor) -> None:
+    def _update(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
         features = x.shape[-1]
         if self._dim is not None and features != self._dim:
             raise ValueError(f"feature dimension changed from {self._dim} to {features}")
@@ -259,18 +268,20 @@ class TorchCovarianceMatrix:
                 # To the host a copy must be complete before the CPU reads it: only copies
                 # to an accelerator may run asynchronously (they are ordered on its stream).
                 x = x.to(self._gram.device, non_blocking=self._gram.device.type != "cpu")
-            self._add_batch(x)
+            if valid is not None:
+                valid = valid.to(x.device, torch.bool, non_blocking=x.device.type != "cpu")
+            self._add_batch(x, valid)
 
-    def _add_batch(self, x: torch.Tensor) -> None:
+    def _add_batch(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
         # float64 activations are never rounded to float32: that would cost digits.
         wide = self.float64_products or x.dtype == torch.float64 or self._dim < _FLOAT32_MIN_FEATURES
         work = torch.float64 if wide else torch.float32
         if self._shift is None or self._shift.dtype != work or self._since_shift >= _SHIFT_EVERY:
-            self._recentre(x, work)
+            self._recentre(x, work, valid)
         bounds = products.block_bounds(self._dim)
         with FULL_PRECISION:
-            gram, sums = products.centred_gram(x, self._shift, work, bounds, self._scale)
-        rows = x.numel() // x.shape[-1]
+            gram, sums = products.centred_gram(x, self._shift, work, bounds, self._scale, valid)
+        rows = x.numel() // x.shape[-1] if valid is None else valid.sum()
         # A non-finite value anywhere makes its column's diagonal entry, hence the trace,
         # non-finite. The batch is then dropped on the device: no host round trip.
         ok = torch.isfinite(gram.trace())
@@ -284,15 +295,15 @@ class TorchCovarianceMatrix:
         else:
             _add(self._gram, gram.masked_fill_(bad, 0.0), unscale2)
         _add(self._sum, sums.masked_fill_(bad, 0.0), unscale)
-        self._n.add_(ok, alpha=rows)
+        self._n.add_(ok * rows)
         self._skipped.add_(bad)
         self._fresh = False
         self._since_shift += 1
 
-    def _recentre(self, x: torch.Tensor, work: torch.dtype) -> None:
+    def _recentre(self, x: torch.Tensor, work: torch.dtype, valid: Optional[torch.Tensor]) -> None:
         """Move the shift to the running mean (or the batch's, at the start) and fit the scale to the spread."""
         if self._fresh:
-            target, spread = products.first_shift(x, work)
+            target, spread = products.first_shift(x, work, valid)
             self._move_shift(target)
         else:  # the running mean (the shift itself while no row was accepted)
             self._move_shift((self._origin + self._sum / self._n.clamp_min(1.0)).to(work))

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
-from delve.layers import layer_type, supported_names
+from delve.layers import claimed_submodule, layer_type, supported_names
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["discover_layers", "unwrap"]
+__all__ = ["discover_layers", "untracked_modules", "unwrap"]
 
 Modules = Union[nn.Module, Sequence[nn.Module]]
 LayerFilter = Callable[[Dict[str, nn.Module]], Dict[str, nn.Module]]
@@ -52,10 +52,17 @@ def _own_name(module: nn.Module) -> Optional[str]:
 
 
 def _trackable_children(container: nn.Module, include_conv: bool) -> Iterator[Tuple[str, nn.Module]]:
+    claimed = set()
     for path, module in container.named_modules():
-        if path and layer_type(module, include_conv) is not None:
-            parts = [part for part in path.split(".") if part not in _WRAPPER_ATTRIBUTES]
-            yield _own_name(module) or "-".join(parts), module
+        declared = layer_type(module, include_conv)
+        if not path or declared is None or id(module) in claimed:
+            continue
+        parts = [part for part in path.split(".") if part not in _WRAPPER_ATTRIBUTES]
+        child = claimed_submodule(module)
+        if child is not None:  # reported under the submodule's path, which is not tracked itself
+            claimed.add(id(child))
+            parts.append(declared.named_after)
+        yield _own_name(module) or "-".join(parts), module
 
 
 def _candidates(modules: Modules, include_conv: bool) -> List[Tuple[str, nn.Module]]:
@@ -159,7 +166,50 @@ def discover_layers(
             + ("" if include_conv else " (convolutions are excluded by include_conv=False)")
             + "; declare other types with delve.layers.register_layer"
         )
+    left_out = untracked_modules(unwrap(modules), found.values())
+    logger.info(
+        "tracking %d layer(s); %s",
+        len(found),
+        "modules with weights left out: " + ", ".join(f"{name} ×{count}" for name, count in left_out.items())
+        if left_out
+        else "no module with weights of its own is left out",
+    )
     return found
+
+
+def untracked_modules(modules: Modules, tracked: Iterable[nn.Module]) -> Dict[str, int]:
+    """Count, by type, the modules holding weights of their own that are not tracked.
+
+    A module counts when it has parameters of its own (``nn.Embedding``, ``nn.LayerNorm``,
+    a projection of a type nobody declared …) and is neither tracked nor the submodule a
+    layer type is named after (``nn.MultiheadAttention.out_proj``, part of its attention).
+    Types of ``torch.nn`` are written ``nn.Name``.
+
+    Returns
+    -------
+    dict
+        ``type name -> count``, most frequent first.
+
+    """
+    roots = [modules] if isinstance(modules, nn.Module) else list(modules)
+    every: Dict[int, nn.Module] = {}  # a module shared by two roots counts once
+    for root in roots:
+        every.update((id(module), module) for module in root.modules())
+    covered = {id(layer) for layer in tracked}
+    for module in every.values():
+        child = claimed_submodule(module)
+        if child is not None:
+            covered.add(id(child))
+    counts: Counter = Counter(
+        _type_label(type(module))
+        for key, module in every.items()
+        if key not in covered and next(module.parameters(recurse=False), None) is not None
+    )
+    return dict(counts.most_common())
+
+
+def _type_label(cls: type) -> str:
+    return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn.") else cls.__name__
 
 
 def _filtered(found: OrderedDict[str, nn.Module], layer_filter: LayerFilter) -> OrderedDict[str, nn.Module]:

@@ -124,6 +124,7 @@ def centred_gram(
     work: torch.dtype,
     bounds: Tuple[int, ...],
     scale: Optional[torch.Tensor] = None,
+    valid: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return the Gram matrix and the column sums of the rows of ``x`` centred on ``shift`` (and scaled).
 
@@ -141,6 +142,9 @@ def centred_gram(
         :data:`BLOCKWISE_FEATURES` features on.
     scale : torch.Tensor, optional
         A power of two the centred rows are multiplied by (0-d, in ``work``).
+    valid : torch.Tensor, optional
+        Boolean, of shape ``x.shape[:-1]``: the rows where it is false are zeroed in the
+        centred copy, so they add nothing to either result.
 
     Returns
     -------
@@ -162,6 +166,8 @@ def centred_gram(
         # Features adjacent in memory: the centred copy is row-major (rows, features).
         flat = buffer.view(padded, features)
         _centred_copy(x, shift, scale, flat[:rows].view(x.shape))
+        if valid is not None:
+            flat[:rows].masked_fill_(~valid.reshape(rows, 1), 0.0)
         if padded > rows:
             flat[rows:].zero_()
         sums = flat.sum(0)
@@ -174,6 +180,8 @@ def centred_gram(
         out = flat[:, :rows].view(features, *lead)
         broadcast = (features,) + (1,) * len(lead)
         _centred_copy(x.movedim(-1, 0), shift.view(broadcast), scale, out)
+        if valid is not None:
+            out.masked_fill_(~valid.unsqueeze(0), 0.0)
         if padded > rows:
             flat[:, rows:].zero_()
         sums = flat.sum(1)
@@ -194,13 +202,16 @@ def centred_gram(
     return gram, sums
 
 
-def first_shift(x: torch.Tensor, work: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def first_shift(
+    x: torch.Tensor, work: torch.dtype, valid: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Estimate the mean and the spread of a batch's rows from its leading samples (about 4096 rows).
 
     A shift only has to be near the data, within a few standard deviations, for the
     centred float32 products to keep their digits. Non-finite values are left out, so
     that a first batch with a NaN (which will be skipped) does not centre the next ones
-    on zero; a feature with no finite value gets 0.
+    on zero; a feature with no finite value gets 0. So are the rows ``valid`` marks as
+    padding.
 
     Returns
     -------
@@ -213,6 +224,8 @@ def first_shift(x: torch.Tensor, work: torch.dtype) -> Tuple[torch.Tensor, torch
     sample = x[: -(-_SHIFT_SAMPLE_ROWS // per_sample)].detach()
     lead = tuple(range(sample.dim() - 1))
     finite = torch.isfinite(sample)
+    if valid is not None:
+        finite &= valid[: sample.shape[0]].unsqueeze(-1)
     total = torch.where(finite, sample, 0.0).sum(lead, dtype=torch.float64)
     count = finite.sum(lead)
     shift = torch.where(count > 0, total / count.clamp_min(1), 0.0).to(work)

@@ -12,22 +12,31 @@ Add a type of your own with :func:`register_layer`::
     from delve.layers import register_layer
 
     register_layer(MyProjection, rows=dense_rows, features=lambda layer, options: layer.out_dim)
+
+A type may also be declared by its qualified name (``"package.module.ClassName"``): the
+declaration then covers that class, matched by name, without importing its package. That
+is how Hugging Face's ``transformers.pytorch_utils.Conv1D`` (the projections of GPT-2 and
+its family) is declared: ``import delve`` never imports ``transformers``, and a model that
+holds a ``Conv1D`` has imported it already.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from delve.activations import RowOptions, conv_rows, dense_rows, recurrent_rows
+from delve.activations import RowOptions, Rows, attention_rows, conv_rows, dense_rows, recurrent_rows
 
 __all__ = [
     "LayerType",
+    "claimed_submodule",
     "feature_width",
+    "layer_rows",
     "layer_type",
     "register_layer",
     "registered_layers",
@@ -36,8 +45,11 @@ __all__ = [
     "unregister_layer",
 ]
 
-RowsRule = Callable[[nn.Module, Any, RowOptions, Optional[int]], Tuple[torch.Tensor, int]]
+RowsRule = Callable[..., Rows]
 WidthRule = Callable[[nn.Module, RowOptions], Optional[int]]
+CallMask = Callable[[nn.Module, tuple, Dict[str, Any]], Optional[torch.Tensor]]
+# A qualified class name: dotted identifiers, at least one dot.
+_QUALIFIED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 @dataclass(frozen=True)
@@ -46,48 +58,91 @@ class LayerType:
 
     Attributes
     ----------
-    cls : type
-        The ``nn.Module`` subclass (its subclasses are covered too).
+    cls : type or str
+        The ``nn.Module`` subclass (its subclasses are covered too), or its qualified
+        name (``"package.module.ClassName"``), matched against a module's class and its
+        bases without importing anything.
     rows : callable
-        ``(layer, output, options, limit) -> (rows, samples)``: the output as a
-        ``(..., features)`` tensor and the number of samples of the batch dimension it
-        covers, keeping at most ``limit`` of them (see :mod:`delve.activations`).
+        ``(layer, output, options, limit=None, mask=None) -> Rows``: the output as a
+        ``(..., features)`` tensor, the number of samples of the batch dimension it
+        covers (at most ``limit``) and, under a row ``mask``, which rows are real (see
+        :mod:`delve.activations`). A plain ``(rows, samples)`` pair is accepted too.
     features : callable or None
         ``(layer, options) -> int or None``: the width of the rows, when the layer's
         definition tells (``None``: only its first output does).
     convolution : bool
         Left out by ``include_conv=False``.
+    named_after : str or None
+        The attribute of a submodule whose path names the layer; that submodule is then
+        not tracked on its own (``nn.MultiheadAttention`` is reported as its ``out_proj``,
+        whose weights it uses without calling it).
+    call_mask : callable or None
+        ``(layer, args, kwargs) -> bool tensor or None``: the real positions of a call,
+        ``(batch, time)``, read from the layer's own arguments (the key padding mask of a
+        self-attention); combined with the tracker's row mask.
 
     """
 
-    cls: type
+    cls: Union[type, str]
     rows: RowsRule
     features: Optional[WidthRule] = None
     convolution: bool = False
+    named_after: Optional[str] = None
+    call_mask: Optional[CallMask] = None
+
+    @property
+    def name(self) -> str:
+        """The class name, for messages."""
+        return self.cls.rsplit(".", 1)[-1] if isinstance(self.cls, str) else self.cls.__name__
 
 
-_REGISTRY: Dict[type, LayerType] = {}
+_REGISTRY: Dict[Union[type, str], LayerType] = {}
 _LOCK = threading.Lock()
 
 
+def _check_declared_class(cls: Any) -> None:
+    if isinstance(cls, str):
+        if not _QUALIFIED.fullmatch(cls):
+            raise ValueError(
+                f"register_layer needs a module class or its qualified name such as "
+                f"'transformers.pytorch_utils.Conv1D', got {cls!r}"
+            )
+    elif not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"register_layer needs a torch.nn.Module subclass or its qualified name, got {cls!r}")
+
+
 def register_layer(
-    cls: type, rows: RowsRule, features: Optional[WidthRule] = None, convolution: bool = False
+    cls: Union[type, str],
+    rows: RowsRule,
+    features: Optional[WidthRule] = None,
+    convolution: bool = False,
+    named_after: Optional[str] = None,
+    call_mask: Optional[CallMask] = None,
 ) -> LayerType:
     """Declare a layer type delve tracks (and, through it, its subclasses).
 
     Parameters
     ----------
-    cls : type
-        A subclass of ``torch.nn.Module``.
+    cls : type or str
+        A subclass of ``torch.nn.Module``, or its qualified name
+        (``"package.module.ClassName"``, as ``f"{cls.__module__}.{cls.__qualname__}"``
+        gives), which declares it without importing its package.
     rows : callable
-        ``(layer, output, options, limit) -> (rows, samples)``; the rules of
-        :mod:`delve.activations` (``dense_rows``, ``conv_rows``, ``recurrent_rows``)
-        fit most layers.
+        ``(layer, output, options, limit=None, mask=None) -> Rows``; the rules of
+        :mod:`delve.activations` (``dense_rows``, ``conv_rows``, ``recurrent_rows``,
+        ``attention_rows``) fit most layers. ``mask`` is passed only while a row mask
+        applies, so a rule that ignores masks may leave it out.
     features : callable, optional
         ``(layer, options) -> int or None``, the width of the rows when the layer's
         definition tells it.
     convolution : bool, default False
         Whether ``include_conv=False`` leaves the type out.
+    named_after : str, optional
+        A submodule attribute whose path names the layer, and which is not tracked on
+        its own.
+    call_mask : callable, optional
+        ``(layer, args, kwargs) -> bool tensor or None``, the real ``(batch, time)``
+        positions of a call according to its own arguments.
 
     Returns
     -------
@@ -98,25 +153,27 @@ def register_layer(
     TypeError
         For a class that is not a module type, or rules that are not callable.
     ValueError
-        For a type declared already.
+        For a malformed qualified name, or a type declared already.
 
     """
-    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
-        raise TypeError(f"register_layer needs a torch.nn.Module subclass, got {cls!r}")
+    _check_declared_class(cls)
     if not callable(rows):
-        raise TypeError(f"rows must be a callable (layer, output, options, limit) -> (rows, samples), got {rows!r}")
-    if features is not None and not callable(features):
-        raise TypeError(f"features must be a callable (layer, options) -> int or None, got {features!r}")
-    declared = LayerType(cls, rows, features, bool(convolution))
+        raise TypeError(f"rows must be a callable (layer, output, options, limit, mask) -> Rows, got {rows!r}")
+    for label, rule in (("features", features), ("call_mask", call_mask)):
+        if rule is not None and not callable(rule):
+            raise TypeError(f"{label} must be a callable or None, got {rule!r}")
+    if named_after is not None and not (isinstance(named_after, str) and named_after.isidentifier()):
+        raise TypeError(f"named_after must be the attribute name of a submodule, got {named_after!r}")
+    declared = LayerType(cls, rows, features, bool(convolution), named_after, call_mask)
     with _LOCK:
         if cls in _REGISTRY:
-            raise ValueError(f"{cls.__qualname__} is declared already; unregister_layer it first to replace it")
+            raise ValueError(f"{declared.name} is declared already; unregister_layer it first to replace it")
         _REGISTRY[cls] = declared
     return declared
 
 
-def unregister_layer(cls: type) -> None:
-    """Remove a declaration made with :func:`register_layer`."""
+def unregister_layer(cls: Union[type, str]) -> None:
+    """Remove a declaration made with :func:`register_layer` (by the class or the name it was declared with)."""
     with _LOCK:
         if _REGISTRY.pop(cls, None) is None:
             raise KeyError(f"{getattr(cls, '__qualname__', cls)!r} is not a declared layer type")
@@ -130,15 +187,24 @@ def registered_layers() -> Tuple[LayerType, ...]:
 def layer_type(module: nn.Module, include_conv: bool = True) -> Optional[LayerType]:
     """Return the declaration that covers ``module`` (its own class or the nearest base), if any."""
     for cls in type(module).__mro__:
-        declared = _REGISTRY.get(cls)
+        declared = _REGISTRY.get(cls) or _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")
         if declared is not None:
             return None if declared.convolution and not include_conv else declared
     return None
 
 
+def claimed_submodule(module: nn.Module) -> Optional[nn.Module]:
+    """Return the submodule a tracked layer is named after (and which is not tracked on its own), if any."""
+    declared = layer_type(module)
+    if declared is None or declared.named_after is None:
+        return None
+    claimed = getattr(module, declared.named_after, None)
+    return claimed if isinstance(claimed, nn.Module) else None
+
+
 def supported_names() -> str:
     """Name the declared types, for messages (``Linear, Conv1d, …``)."""
-    return ", ".join(t.cls.__name__ for t in _REGISTRY.values())
+    return ", ".join(t.name for t in _REGISTRY.values())
 
 
 def _declared(module: nn.Module) -> LayerType:
@@ -157,6 +223,20 @@ def feature_width(module: nn.Module, options: RowOptions) -> Optional[int]:
     return None if declared.features is None else declared.features(module, options)
 
 
+def layer_rows(
+    declared: LayerType,
+    module: nn.Module,
+    output: Any,
+    options: RowOptions,
+    limit: Optional[int] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> Rows:
+    """Apply a declaration's rows rule, as :class:`~delve.activations.Rows` whatever the rule returned."""
+    if mask is None:
+        return Rows(*declared.rows(module, output, options, limit))
+    return Rows(*declared.rows(module, output, options, limit, mask))
+
+
 def to_data_rows(
     module: nn.Module,
     output: Any,
@@ -171,7 +251,7 @@ def to_data_rows(
     The leading dimensions are not flattened: the channelwise rows of a ``(B, C, H, W)``
     map are ``(B, H, W, C)``, a view, where a flat matrix would cost a transposing copy
     of the whole output. :meth:`delve.TorchCovarianceMatrix.update_rows` takes such a
-    tensor.
+    tensor. No row mask applies here (see :func:`layer_rows` for that).
 
     Parameters
     ----------
@@ -197,7 +277,10 @@ def to_data_rows(
 
     """
     options = RowOptions(conv_method, timeseries_method, interpolation_strategy, interpolation_downsampling)
-    return _declared(module).rows(module, output, options, limit)
+    rows = layer_rows(_declared(module), module, output, options, limit)
+    if rows.valid is not None:  # a packed sequence cut by `limit`: its padding goes here
+        return rows.data[rows.valid], rows.samples
+    return rows.data, rows.samples
 
 
 def to_data_matrix(module: nn.Module, output: Any, *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, int]:
@@ -221,8 +304,37 @@ def _recurrent_width(layer: nn.Module, options: RowOptions) -> int:
     return size * (2 if layer.bidirectional else 1)
 
 
+def _transposed_linear_width(layer: nn.Module, options: RowOptions) -> int:
+    # transformers' Conv1D keeps its weight as (in, out): a Linear with the weight transposed.
+    return layer.weight.shape[1]
+
+
+def _attention_width(layer: nn.MultiheadAttention, options: RowOptions) -> int:
+    return layer.embed_dim
+
+
+def _self_attention_mask(layer: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """Return the real query positions of a self-attention call: those its key padding mask keeps.
+
+    Only for self-attention (the query is the key): otherwise the mask is about the keys,
+    not the positions of the output. A boolean mask marks padding with True; a float
+    mask, added to the attention scores, with -inf.
+    """
+    query = args[0] if args else kwargs.get("query")
+    key = args[1] if len(args) > 1 else kwargs.get("key")
+    padding = args[3] if len(args) > 3 else kwargs.get("key_padding_mask")
+    if padding is None or query is not key or not torch.is_tensor(padding):
+        return None
+    padding = padding if padding.dim() == 2 else padding.unsqueeze(0)  # an unbatched call
+    return ~padding if padding.dtype == torch.bool else ~torch.isneginf(padding)
+
+
 register_layer(nn.Linear, dense_rows, _linear_width)
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
     register_layer(_conv, conv_rows, _conv_width, convolution=True)
 for _recurrent in (nn.LSTM, nn.GRU, nn.RNN):
     register_layer(_recurrent, recurrent_rows, _recurrent_width)
+register_layer(
+    nn.MultiheadAttention, attention_rows, _attention_width, named_after="out_proj", call_mask=_self_attention_mask
+)
+register_layer("transformers.pytorch_utils.Conv1D", dense_rows, _transposed_linear_width)

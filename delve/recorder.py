@@ -3,8 +3,9 @@
 A hook receives a layer's output, its :class:`~delve.layers.LayerType` turns it into rows
 (a view where it can), and the layer's :class:`~delve.covariance.TorchCovarianceMatrix`
 for the current mode (``train`` / ``eval``, from the layer's ``training`` flag) merges
-them. Counting, ``log_interval``, ``max_samples`` and the rows kept for ``embed`` happen
-here too; nothing in a hook stops training for a reason it can recover from.
+them. Counting, ``log_interval``, ``max_samples``, the row mask and the rows kept for
+``embed`` happen here too; nothing in a hook stops training for a reason it can recover
+from, and nothing in it waits for the device.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import torch
 from torch import nn
 
 from delve._runtime import in_backward, run_eagerly
-from delve.activations import first_rows
+from delve.activations import Rows, first_rows
 from delve.config import TrackerConfig
 from delve.covariance import TorchCovarianceMatrix, covariance_bytes
-from delve.layers import LayerType, feature_width, layer_type
+from delve.layers import LayerType, feature_width, layer_rows, layer_type
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EMBED_SAMPLES", "LayerRecord", "Recorder", "check_memory"]
+__all__ = ["EMBED_SAMPLES", "EmbedSamples", "LayerRecord", "Recorder", "check_memory"]
 
 #: The most samples an epoch keeps per layer and mode for ``embed``.
 EMBED_SAMPLES = 1000
@@ -60,18 +61,65 @@ def check_memory(name: str, dim: int, limit: int) -> None:
         )
 
 
+class EmbedSamples:
+    """The first :data:`EMBED_SAMPLES` real rows of an epoch's finite batches, gathered on the device.
+
+    Which rows are real (a row mask) and whether a batch is finite (the accumulator skips
+    it otherwise) are known on the device only; counting them on the host would make the
+    training step wait for it. So every batch offers its first real rows, and a fixed
+    buffer takes as many as it still has room for, by device-side arithmetic.
+    """
+
+    __slots__ = ("rows", "filled")
+
+    def __init__(self) -> None:
+        self.rows: Optional[torch.Tensor] = None  # (EMBED_SAMPLES, features) float32
+        self.filled: Optional[torch.Tensor] = None  # int64 0-d: the rows in use
+
+    def offer(self, x: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+        """Keep the leading real rows of a batch of rows ``(..., features)`` if there is room."""
+        features = x.shape[-1]
+        if valid is None:
+            candidates = first_rows(x, EMBED_SAMPLES)
+            count = torch.isfinite(x).all() * candidates.shape[0]
+        else:
+            flat = valid.reshape(-1)
+            # The real rows first, in their order; the padding after them is never taken.
+            order = torch.argsort((~flat).to(torch.uint8), stable=True)[:EMBED_SAMPLES]
+            candidates = x.reshape(-1, features)[order].detach().to(torch.float32)
+            count = (torch.isfinite(x).all(-1) | ~valid).all() * flat.sum()
+        if candidates.shape[0] == 0:
+            return
+        if self.rows is None:
+            self.rows = torch.zeros(EMBED_SAMPLES, features, dtype=torch.float32, device=x.device)
+            self.filled = torch.zeros((), dtype=torch.int64, device=x.device)
+        device = self.rows.device  # nn.DataParallel replicas offer from their own GPUs
+        candidates = candidates.to(device, non_blocking=True)
+        count = count.to(device, non_blocking=True).clamp_max(candidates.shape[0])
+        # Slot j takes candidate j - filled while that is one of the `count` taken.
+        source = torch.arange(EMBED_SAMPLES, device=device) - self.filled
+        take = (source >= 0) & (source < count)
+        self.rows = torch.where(take.unsqueeze(1), candidates[source.clamp(0, candidates.shape[0] - 1)], self.rows)
+        self.filled = (self.filled + count).clamp_max(EMBED_SAMPLES)
+
+    def take(self) -> Optional[torch.Tensor]:
+        """Return the rows gathered (reads their number from the device), or ``None`` if there are none."""
+        if self.rows is None:
+            return None
+        filled = int(self.filled)
+        return self.rows[:filled] if filled else None
+
+
 class LayerRecord:
     """Everything recorded for one layer in one mode during the current epoch."""
 
-    __slots__ = ("accumulator", "calls", "seen", "samples", "sample_rows", "lock")
+    __slots__ = ("accumulator", "calls", "seen", "samples", "lock")
 
     def __init__(self, device: Optional[torch.device], float64_products: bool):
         self.accumulator = TorchCovarianceMatrix(device=device, float64_products=float64_products)
         self.calls = 0
         self.seen = 0
-        # (rows, all-finite flag of their batch); the flag stays on the device until the epoch ends.
-        self.samples: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        self.sample_rows = 0
+        self.samples = EmbedSamples()
         # Hooks of nn.DataParallel replicas run in threads.
         self.lock = threading.Lock()
 
@@ -82,19 +130,17 @@ class LayerRecord:
                 self.accumulator.reset()
             self.calls = 0
             self.seen = 0
-            self.samples = []
-            self.sample_rows = 0
+            self.samples = EmbedSamples()
 
     def finite_samples(self) -> Optional[torch.Tensor]:
         """Return the recorded embedding rows, without those of batches the accumulator skipped."""
         with self.lock:
-            kept = [rows for rows, finite in self.samples if bool(finite)]
-        if not kept:
+            kept = self.samples.take()
+        if kept is None:
             return None
         # nn.DataParallel replicas record on their own GPUs; gather where the covariance is.
         n = self.accumulator.n
-        device = n.device if n is not None else kept[0].device
-        return torch.cat([rows.to(device) for rows in kept])
+        return kept if n is None else kept.to(n.device)
 
 
 class _LayerHook:
@@ -112,9 +158,12 @@ class _LayerHook:
         self.name = name
         self.kind = kind
 
-    def __call__(self, module: nn.Module, inputs, output) -> None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if self.recorder.recording:
-            self.recorder.record(self.name, self.kind, module, output)
+            mask = self.recorder.row_mask
+            if self.kind.call_mask is not None:
+                mask = _combined(mask, self.kind.call_mask(module, args, kwargs))
+            self.recorder.record(self.name, self.kind, module, output, mask)
 
     def __reduce__(self):
         return (_InertHook, ())
@@ -123,8 +172,17 @@ class _LayerHook:
 class _InertHook:
     """What a tracker's hook becomes in a copy of the model: nothing."""
 
-    def __call__(self, module: nn.Module, inputs, output) -> None:
+    def __call__(self, *arguments) -> None:
         return None
+
+
+def _combined(row_mask: Optional[torch.Tensor], own: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Return the positions both the row mask and the layer's own call keep (where both describe them)."""
+    if own is None:
+        return row_mask
+    if row_mask is None or row_mask.shape != own.shape:
+        return own
+    return row_mask & own.to(row_mask.device)
 
 
 class Recorder:
@@ -153,6 +211,8 @@ class Recorder:
         self.config = config
         self.options = config.row_options
         self.recording = True
+        #: The ``(batch, time)`` boolean mask of real positions of the forward passes under way, if any.
+        self.row_mask: Optional[torch.Tensor] = None
         # Refuse an accumulator too big for memory now, before any hook or tensor exists;
         # layers whose width depends on the input are checked at their first batch.
         if config.modes:
@@ -165,7 +225,7 @@ class Recorder:
             for name in layers
             for mode in config.modes
         }
-        self.called: Set[str] = set()  # layers whose hook ran this epoch
+        self.called: Set[Tuple[str, str]] = set()  # (layer, mode) of the hooks that ran this epoch
         self._warned: Set[tuple] = set()
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
 
@@ -173,7 +233,8 @@ class Recorder:
         """Register the forward hooks (once everything else about the tracker stands)."""
         if not self._handles:
             self._handles = [
-                layer.register_forward_hook(_LayerHook(self, name, layer_type(layer)))
+                # With the call's arguments: a layer type may read its own padding from them.
+                layer.register_forward_hook(_LayerHook(self, name, layer_type(layer)), with_kwargs=True)
                 for name, layer in self.layers.items()
             ]
 
@@ -202,12 +263,14 @@ class Recorder:
         return record.accumulator
 
     @run_eagerly
-    def record(self, name: str, kind: LayerType, module: nn.Module, output) -> None:
-        """Feed one forward pass of one layer into its accumulator."""
+    def record(
+        self, name: str, kind: LayerType, module: nn.Module, output, mask: Optional[torch.Tensor] = None
+    ) -> None:
+        """Feed one forward pass of one layer into its accumulator (only the real positions, under a mask)."""
         if in_backward():  # a checkpoint recomputing activations the forward pass recorded
             return
-        self.called.add(name)
         mode = "train" if module.training else "eval"
+        self.called.add((name, mode))
         record = self.records.get((name, mode))
         if record is None:
             return
@@ -222,26 +285,24 @@ class Recorder:
             remaining = None if limit is None else limit - record.seen
             if remaining is not None and remaining <= 0:
                 return
-            rows = self._rows(name, kind, module, output, remaining)
-            if rows is None or not self._accepts(name, record.accumulator, rows[0]):
+            rows = self._rows(name, kind, module, output, remaining, mask)
+            if rows is None or not self._accepts(name, record.accumulator, rows.data):
                 return
-            x, batch = rows
-            record.seen += batch
-            if "embed" in self.config.stats[mode] and record.sample_rows < EMBED_SAMPLES:
-                keep = first_rows(x, EMBED_SAMPLES - record.sample_rows)
-                # A batch the accumulator skips (NaN/Inf) must not reach the embedding either.
-                record.samples.append((keep, torch.isfinite(x).all()))
-                record.sample_rows += keep.shape[0]
+            record.seen += rows.samples
+            if "embed" in self.config.stats[mode]:
+                record.samples.offer(rows.data, rows.valid)
         try:
-            record.accumulator.update_rows(x)  # the accumulator brings x to its own device
+            record.accumulator.update_rows(rows.data, rows.valid)  # the accumulator brings them to its device
         except Exception:  # a device out of memory, say: skip the batch, keep training
             if self.first_time("update", name):
                 logger.exception("layer %s: a batch could not be added to its covariance; it is skipped", name)
 
-    def _rows(self, name: str, kind: LayerType, module: nn.Module, output, limit: Optional[int]):
+    def _rows(
+        self, name: str, kind: LayerType, module: nn.Module, output, limit: Optional[int], mask
+    ) -> Optional[Rows]:
         try:
             with torch.no_grad():
-                return kind.rows(module, output, self.options, limit)
+                return layer_rows(kind, module, output, self.options, limit, mask)
         except Exception:  # a layer whose output we cannot read must not stop training
             if self.first_time("unreadable", name):
                 logger.exception("layer %s: cannot make a data matrix from its output; it is skipped", name)
@@ -263,6 +324,33 @@ class Recorder:
                 accumulator.dim,
             )
         return False
+
+    def warn_silent_layers(self) -> None:
+        """Warn, once per layer (and mode), about tracked layers whose hooks did not run this epoch."""
+        heard = {name for name, _ in self.called}
+        active = {mode for _, mode in self.called if mode in self.config.modes}  # modes other layers ran in
+        for name in self.layers:
+            if name not in heard:
+                if self.first_time("never called", name):
+                    logger.warning(
+                        "layer %s saw no forward pass this epoch, so it reports nothing. A layer used only "
+                        "through its weights (by a parent calling F.linear with them) never runs its hooks; "
+                        "leave it out with ignore_layer_names",
+                        name,
+                    )
+                continue
+            for mode in sorted(active):
+                if (name, mode) not in self.called and self.first_time("never called", name, mode):
+                    logger.warning(
+                        "layer %s saw no %s forward pass this epoch while other tracked layers did, so it reports "
+                        "no %s statistics. Either the model skips it in that mode, or a fused fast path ran "
+                        "the layer without calling it: on PyTorch versions whose nn.TransformerEncoderLayer "
+                        "takes its fast path in evaluation under no_grad despite hooks, "
+                        "torch.backends.mha.set_fastpath_enabled(False) makes it visible again",
+                        name,
+                        mode,
+                        mode,
+                    )
 
     def new_epoch(self, reset_covariance: bool) -> None:
         """Start the next epoch: counts and samples cleared, accumulators reset if asked."""

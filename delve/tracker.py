@@ -10,11 +10,12 @@ eigendecomposition per layer and mode) → writers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from delve.epoch import EpochValues, epoch_values
 from delve.gram import release_workspace
 from delve.keys import Key
 from delve.recorder import Recorder
+from delve.validation import check_row_mask
 from delve.writers import AbstractWriter, WriterSpec, build_writer
 
 logger = logging.getLogger(__name__)
@@ -240,6 +242,43 @@ class CheckLayerSat:
         """
         return self._recorder.accumulator(layer, mode)
 
+    @contextlib.contextmanager
+    def row_mask(self, mask: Optional[torch.Tensor]) -> Iterator[None]:
+        """Record only the real positions of the sequences of the forward passes inside the block.
+
+        ``with tracker.row_mask(batch["attention_mask"]): model(**batch)``: padded
+        positions are then left out of every tracked sequence output whose leading
+        dimensions are ``(batch, time)`` (``(time, batch)`` for time-major recurrent and
+        attention layers). ``timestepwise`` keeps the rows where the mask is true;
+        ``last_timestep`` takes each sequence's last true position, for left and right
+        padding alike, and nothing from a sequence with none. Outputs of other shapes
+        (pooled ``(batch, features)`` heads, feature maps) are unaffected, and so is an
+        output whose own sequence length differs from the mask's (a decoder's). Nothing
+        waits for the device: padded rows get zero weight instead of being cut out.
+        ``max_samples`` still counts samples of the batch dimension. Under
+        ``nn.DataParallel`` each replica sees a slice of the batch, which the mask does
+        not describe: it applies to nothing there.
+
+        Parameters
+        ----------
+        mask : torch.Tensor or None
+            ``(batch, time)``, boolean or 0/1 (nonzero is real), best on the model's
+            device. ``None`` masks nothing.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a mask that is not a two-dimensional real or boolean tensor.
+
+        """
+        checked = check_row_mask("mask", mask)
+        previous = self._recorder.row_mask
+        self._recorder.row_mask = checked
+        try:
+            yield
+        finally:
+            self._recorder.row_mask = previous
+
     # ------------------------------------------------------------- user values
     def add_scalar(self, name: str, value: Any, **kwargs) -> None:
         """Record a value of your own (a loss, an accuracy) in the current epoch; the last one wins.
@@ -314,7 +353,7 @@ class CheckLayerSat:
             raise RuntimeError("add_saturations() called on a closed tracker")
         values, samples = self.compute_statistics()
         if self._recorder.recording:
-            self._warn_silent_layers()
+            self._recorder.warn_silent_layers()
         step = self.epoch
         if self.writer is not None and distributed.is_writer():
             self._safely(self._write_epoch, values, samples, step, save)
@@ -326,16 +365,6 @@ class CheckLayerSat:
         self._recorder.new_epoch(self.config.reset_covariance)
         self.epoch += 1
         return recorded
-
-    def _warn_silent_layers(self) -> None:
-        for name in self.layers:
-            if name not in self._recorder.called and self._recorder.first_time("never called", name):
-                logger.warning(
-                    "layer %s saw no forward pass this epoch, so it reports nothing. A layer used only "
-                    "through its weights (nn.MultiheadAttention.out_proj is one) never runs its hooks; "
-                    "leave it out with ignore_layer_names",
-                    name,
-                )
 
     def _write_user_scalars(self, step) -> None:
         for name, value in self._user_scalars.items():

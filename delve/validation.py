@@ -25,6 +25,7 @@ __all__ = [
     "check_mapping",
     "check_path",
     "check_positive",
+    "check_row_mask",
 ]
 
 
@@ -206,3 +207,28 @@ def check_device(name: str, device: Any) -> Optional[torch.device]:
             "use None, 'cpu' or 'cuda:N'"
         )
     return device
+
+
+def check_row_mask(name: str, mask: Any) -> Optional[torch.Tensor]:
+    """Return a ``(batch, time)`` mask as a boolean tensor on its own device (nonzero: real), or ``None``.
+
+    Only the shape and dtype are checked: reading the values would wait for the device.
+
+    Raises
+    ------
+    TypeError
+        For something that is not a real-valued or boolean tensor.
+    ValueError
+        For a tensor that is not two-dimensional.
+
+    """
+    if mask is None:
+        return None
+    if not torch.is_tensor(mask) or mask.is_complex():
+        raise TypeError(
+            f"{name} must be a (batch, time) tensor of bools or 0/1 values (an attention_mask) or None, "
+            f"got {type(mask).__name__}"
+        )
+    if mask.dim() != 2:
+        raise ValueError(f"{name} must be (batch, time), two-dimensional; got shape {tuple(mask.shape)}")
+    return mask.detach() if mask.dtype == torch.bool else mask.detach() != 0

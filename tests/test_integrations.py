@@ -20,11 +20,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+)
 
 from delve.integrations.lightning import SaturationCallback as LightningSaturation
 from delve.integrations.transformers import SaturationCallback as HFSaturation
-from tests.reference import np_stats
+from tests.reference import np_cov, np_stats, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THRESH = 0.9
@@ -93,6 +100,12 @@ def test_a_missing_framework_names_the_extra_to_install():
         "        print(err)\n"
         "    else:\n"
         "        raise SystemExit(module + ' imported without its framework')\n"
+        # Without transformers, its Conv1D stays declared by name and tracking works as ever.
+        "import torch, delve\n"
+        "from delve.layers import registered_layers\n"
+        "assert 'transformers.pytorch_utils.Conv1D' in [t.cls for t in registered_layers()]\n"
+        "tracker = delve.CheckLayerSat('unused', 'csv', torch.nn.Sequential(torch.nn.Linear(3, 2)), nosave=True)\n"
+        "assert list(tracker.layers) == ['0']\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -404,6 +417,8 @@ def test_bad_arguments_fail_when_the_callback_is_made(callback_class):
         callback_class(modules="encoder")
     with pytest.raises(TypeError, match="layer_filter"):
         callback_class(layer_filter=["encoder"])
+    with pytest.raises(ValueError, match="use_attention_mask must be True or False, got 'yes'"):
+        callback_class(use_attention_mask="yes")
     # A filter that would keep nothing of a stand-in layer is fine: it is meant for the model.
     callback_class(layer_filter=lambda layers: {}, include_conv=False, ignore_layer_names=["Module-0-Linear"])
 
@@ -414,3 +429,246 @@ def test_checking_the_arguments_writes_nothing(tmp_path, monkeypatch, capsys):
     HFSaturation(save_to="csv", stats=["lsat"])
     assert os.listdir(tmp_path) == []
     assert capsys.readouterr() == ("", "")
+
+
+# ---------------------------------------------------------------------------- padding
+PAD_VOCAB = 40
+
+
+class VariableLengthTokens(Dataset):
+    """Token sequences of 2 to 7 tokens, padded by the collator."""
+
+    def __init__(self, samples, seed):
+        generator = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(2, 8, (samples,), generator=generator).tolist()
+        self.sequences = [torch.randint(1, PAD_VOCAB, (n,), generator=generator) for n in lengths]
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.sequences[i]}
+
+
+def pad_batch(items, side="right"):
+    """A tokenizer's padded batch: input_ids, attention_mask, and labels ignoring the padding."""
+    steps = max(len(item["input_ids"]) for item in items)
+    ids = torch.zeros(len(items), steps, dtype=torch.int64)
+    mask = torch.zeros(len(items), steps, dtype=torch.int64)
+    for i, item in enumerate(items):
+        n = len(item["input_ids"])
+        where = slice(0, n) if side == "right" else slice(steps - n, steps)
+        ids[i, where] = item["input_ids"]
+        mask[i, where] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=PAD_VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+
+
+class PaddingCapture:
+    """Our own hooks: every (mode, output) of one layer with the attention_mask of the model call it belongs to."""
+
+    def __init__(self, model, layer):
+        self.records = []
+        self._mask = None
+        self.handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            layer.register_forward_hook(self._output),
+        ]
+
+    def _before(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._mask = None if mask is None else mask.detach().bool().numpy().copy()
+
+    def _output(self, module, inputs, output):
+        mode = "train" if module.training else "eval"
+        self.records.append((mode, output.detach().double().numpy().copy(), self._mask))
+
+    def rows(self, mode, method="timestepwise", masked=True):
+        kept = []
+        for record_mode, out, mask in self.records:
+            if record_mode != mode:
+                continue
+            if not masked:
+                kept.append(out.reshape(-1, out.shape[-1]) if method == "timestepwise" else out[:, -1])
+            elif method == "timestepwise":
+                kept.append(out[mask])
+            else:
+                kept.append(np.stack([out[i, np.flatnonzero(m)[-1]] for i, m in enumerate(mask)]))
+        return kept
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_transformers_trainer_on_padded_batches_measures_the_real_tokens(tmp_path):
+    model = tiny_gpt2()
+    layer = "transformer-h-0-mlp-c_fc"
+    capture = PaddingCapture(model, model.transformer.h[0].mlp.c_fc)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=2,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    callback = HFSaturation(save_to="npy", stats=["cov"], layer_filter=lambda layers: {layer: layers[layer]})
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=VariableLengthTokens(12, seed=0),
+        eval_dataset=VariableLengthTokens(8, seed=1),
+        data_collator=pad_batch,
+        callbacks=[callback],
+    )
+    trainer.train()
+    capture.remove()
+    assert callback.tracker.timeseries_method == "timestepwise"  # the callback's default
+    train, evaluation = capture.rows("train"), capture.rows("eval")
+    assert len(train) == 6 and len(evaluation) == 4  # 3 steps and 2 evaluation batches per epoch
+    assert any(not mask.all() for _, _, mask in capture.records)  # the batches were padded
+    for epoch in (0, 1):
+        expected = {"train": train[3 * epoch : 3 * epoch + 3], "eval": evaluation[2 * epoch : 2 * epoch + 2]}
+        for mode, rows in expected.items():
+            key = f"{mode}-covariance-matrix_{layer}"
+            saved = np.load(os.path.join(args.output_dir, "saturation", key, f"{key}_epoch{epoch}.npy"))
+            assert rel_err(saved, np_cov(np.concatenate(rows))) < 1e-6, (epoch, mode)
+
+
+class _Control:
+    should_evaluate = False
+
+
+@pytest.mark.parametrize(
+    "options, masked, method",
+    [
+        ({}, True, "timestepwise"),
+        ({"use_attention_mask": False}, False, "timestepwise"),
+        ({"timeseries_method": "last_timestep"}, True, "last_timestep"),
+    ],
+    ids=["default", "mask_off", "last_timestep"],
+)
+def test_transformers_callback_mask_and_method_can_be_changed(tmp_path, options, masked, method):
+    # The callback driven through its trainer events: one epoch of two left-padded calls.
+    from types import SimpleNamespace
+
+    model = tiny_gpt2()
+    capture = PaddingCapture(model, model.transformer.h[0].mlp.c_proj)
+    callback = HFSaturation(nosave=True, stats=["cov"], **options)
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(epoch=0.0, global_step=0, log_history=[])
+    callback.on_train_begin(args, state, _Control(), model=model)
+    callback.on_epoch_begin(args, state, _Control())
+    dataset = VariableLengthTokens(8, seed=2)
+    for start in (0, 4):
+        model(**pad_batch([dataset[i] for i in range(start, start + 4)], side="left"))
+    callback.on_epoch_end(args, state, _Control())
+    callback.on_train_end(args, state, _Control())
+    capture.remove()
+    rows = np.concatenate(capture.rows("train", method, masked))
+    got = callback.history[0]["train-covariance-matrix_transformer-h-0-mlp-c_proj"]
+    assert rel_err(got, np_cov(rows)) < 1e-6
+    assert not model._forward_pre_hooks  # the callback's hooks are gone with the tracker
+
+
+class PaddedTagger(pl.LightningModule):
+    """Token embeddings and one projection, trained on mapping batches with an attention_mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(PAD_VOCAB, 6)
+        self.proj = nn.Linear(6, 5)
+
+    def forward(self, input_ids):
+        return self.proj(self.embed(input_ids))
+
+    def _loss(self, batch):
+        out = self(batch["input_ids"])
+        return (out.pow(2).mean(-1) * batch["attention_mask"]).sum() / batch["attention_mask"].sum()
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_callback_leaves_the_padding_of_mapping_batches_out(tmp_path):
+    torch.manual_seed(0)
+    module = PaddedTagger()
+    records, _ = capture_lightning(module, module.proj)
+    masks = []  # the attention_mask of every batch, in the order the layer saw them
+    callback = LightningSaturation(stats=["cov"], save_to="npy", timeseries_method="timestepwise")
+
+    class MaskRecorder(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            masks.append(batch["attention_mask"].bool().numpy().copy())
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            masks.append(batch["attention_mask"].bool().numpy().copy())
+
+    train = DataLoader(VariableLengthTokens(12, seed=3), batch_size=4, collate_fn=pad_batch)
+    val = DataLoader(VariableLengthTokens(8, seed=4), batch_size=4, collate_fn=lambda b: pad_batch(b, "left"))
+    trainer = lightning_trainer(
+        tmp_path, callback, callbacks=[MaskRecorder(), callback], logger=False, default_root_dir=str(tmp_path)
+    )
+    trainer.fit(module, train, val)
+    assert len(masks) == len(records)
+    savefile = callback.tracker.savefile
+    assert savefile == os.path.join(str(tmp_path), "saturation")
+    for epoch in (0, 1):
+        for mode in ("train", "eval"):
+            rows = [
+                out[mask]
+                for (sanity, e, m, out), mask in zip(records, masks)
+                if not sanity and e == epoch and m == mode
+            ]
+            assert len(rows) == (3 if mode == "train" else 2)
+            key = f"{mode}-covariance-matrix_proj"
+            saved = np.load(os.path.join(savefile, key, f"{key}_epoch{epoch}.npy"))
+            assert rel_err(saved, np_cov(np.concatenate(rows))) < 1e-6, (epoch, mode)
+
+
+@pytest.mark.parametrize("use_attention_mask", [True, False], ids=["mask_on", "mask_off"])
+def test_lightning_callback_mask_can_be_turned_off(tmp_path, use_attention_mask):
+    # The callback driven through its Lightning hooks: one epoch of two padded mapping batches.
+    from types import SimpleNamespace
+
+    torch.manual_seed(1)
+    module = PaddedTagger()
+    outputs = []
+    module.proj.register_forward_hook(lambda m, inputs, out: outputs.append(out.detach().double().numpy()))
+    callback = LightningSaturation(
+        nosave=True, stats=["cov"], timeseries_method="timestepwise", use_attention_mask=use_attention_mask
+    )
+    trainer = SimpleNamespace(
+        log_dir=str(tmp_path), default_root_dir=str(tmp_path), current_epoch=0, enable_validation=False, loggers=[]
+    )
+    callback.on_train_start(trainer, module)
+    callback.on_train_epoch_start(trainer, module)
+    dataset = VariableLengthTokens(8, seed=5)
+    masks = []
+    for start in (0, 4):
+        batch = pad_batch([dataset[i] for i in range(start, start + 4)], side="left")
+        masks.append(batch["attention_mask"].bool().numpy())
+        callback.on_train_batch_start(trainer, module, batch, start // 4)
+        module(batch["input_ids"])
+        callback.on_train_batch_end(trainer, module, None, batch, start // 4)
+    callback.on_train_epoch_end(trainer, module)
+    callback.on_train_end(trainer, module)
+    if use_attention_mask:
+        rows = np.concatenate([out[mask] for out, mask in zip(outputs, masks)])
+    else:
+        rows = np.concatenate([out.reshape(-1, 5) for out in outputs])
+    assert rel_err(callback.history[0]["train-covariance-matrix_proj"], np_cov(rows)) < 1e-6

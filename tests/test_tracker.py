@@ -460,11 +460,11 @@ def test_a_failing_update_is_logged_once_and_training_goes_on(monkeypatch, caplo
     update = accumulator.update_rows
     calls = []
 
-    def flaky(x):
+    def flaky(x, valid=None):
         calls.append(x.shape[0])
         if len(calls) in (2, 3):
             raise RuntimeError("CUDA out of memory (simulated)")
-        update(x)
+        update(x, valid)
 
     monkeypatch.setattr(accumulator, "update_rows", flaky)
     with torch.no_grad(), caplog.at_level("ERROR", logger="delve"):
@@ -500,17 +500,42 @@ def test_wrapper_attributes_are_left_out_of_layer_names():
     assert_matches(values, "0-0", "train", [first.double().numpy()], stats=["idim", "lsat", "trc", "dtrc"])
 
 
+class Bypassed(nn.Module):
+    """One layer used only through its weights, one that evaluation computes without calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(6, 4)
+        self.shortcut = nn.Linear(4, 4)
+        self.weights_only = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.used(x)
+        # What a fused fast path does: the layer's computation without its call (or its hooks).
+        h = self.shortcut(h) if self.training else nn.functional.linear(h, self.shortcut.weight, self.shortcut.bias)
+        return nn.functional.linear(h, self.weights_only.weight, self.weights_only.bias)
+
+
 def test_a_layer_whose_hooks_never_run_is_reported_once(caplog):
-    # nn.MultiheadAttention uses out_proj's weights directly: the Linear is found but
-    # never called, and the user should hear so instead of finding empty columns.
+    # A layer found but never called, or never called in one mode while the others are,
+    # would leave empty columns: the user hears so once, not every epoch.
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
-    tracker = CheckLayerSat("unused", "csv", layer, stats=["lsat"], nosave=True)
+    model = Bypassed()
+    tracker = CheckLayerSat("unused", "csv", model, stats=["lsat"], nosave=True)
     with caplog.at_level("WARNING", logger="delve"), torch.no_grad():
         for _ in range(2):
-            layer(torch.randn(4, 7, 16))
+            model.train()
+            model(torch.randn(8, 6))
+            model.eval()
+            model(torch.randn(8, 6))
             values = tracker.add_saturations()
     tracker.close()
-    silent = [r.getMessage() for r in caplog.records if "saw no forward pass" in r.getMessage()]
-    assert len(silent) == 1 and silent[0].startswith("layer self_attn-out_proj ")
-    assert "train-saturation_linear1" in values and "train-saturation_self_attn-out_proj" not in values
+    messages = [r.getMessage() for r in caplog.records]
+    never = [m for m in messages if "saw no forward pass" in m]
+    assert len(never) == 1 and never[0].startswith("layer weights_only ")
+    eval_only = [m for m in messages if "saw no eval forward pass" in m]
+    assert len(eval_only) == 1 and eval_only[0].startswith("layer shortcut ")
+    assert "set_fastpath_enabled(False)" in eval_only[0]
+    assert len(messages) == 2
+    assert "eval-saturation_shortcut" not in values
+    assert "train-saturation_shortcut" in values and "eval-saturation_used" in values

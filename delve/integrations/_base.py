@@ -5,12 +5,14 @@ Nothing here imports a training framework, so ``import delve.integrations`` stay
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
 from delve.config import TrackerConfig
@@ -64,6 +66,34 @@ def scalar_values(values: Dict[str, Any]) -> Dict[str, float]:
     return out
 
 
+class _AttentionMaskHook:
+    """Before a model's call, make its ``attention_mask`` keyword the row mask; after it, end that.
+
+    A copy of the model (``copy.deepcopy``, ``torch.save``) gets an inert hook instead, as
+    the tracker's own hooks do: a copy must neither drive the tracker nor carry it along.
+    """
+
+    def __init__(self, tracking: EpochTracking, before: bool):
+        self.tracking = tracking
+        self.before = before
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs_or_output: Any) -> None:
+        if self.before:  # a pre-hook with kwargs: (module, args, kwargs)
+            self.tracking.mask_rows(kwargs_or_output.get("attention_mask"))
+        else:  # a forward hook: (module, args, output)
+            self.tracking.unmask_rows()
+
+    def __reduce__(self):
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """What an :class:`_AttentionMaskHook` becomes in a copy of the model."""
+
+    def __call__(self, *arguments: Any) -> None:
+        return None
+
+
 class EpochTracking:
     """A tracker whose epochs follow a training framework's epochs.
 
@@ -109,6 +139,9 @@ class EpochTracking:
         self.history: Dict[int, Dict[str, Any]] = {}
         self._open = False
         self._awaiting_evaluation = False
+        self._masking = contextlib.ExitStack()
+        self._mask_handles: List[torch.utils.hooks.RemovableHandle] = []
+        self._mask_refused = False
 
     def attach(self, model: nn.Module, default_savefile: str, initial_epoch: int) -> CheckLayerSat:
         """Make the tracker on the model's layers, not recording until :meth:`open_epoch`."""
@@ -126,6 +159,36 @@ class EpochTracking:
         self.tracker.stop()
         logger.info("tracking %d layer(s), writing to %s", len(self.tracker.layers), savefile)
         return self.tracker
+
+    def mask_rows(self, mask: Any) -> None:
+        """Make ``mask`` (a batch's ``attention_mask``) the tracker's row mask until :meth:`unmask_rows`.
+
+        Anything but a ``(batch, time)`` tensor masks nothing (a 4-d attention mask says
+        nothing about which tokens are real); that is logged once.
+        """
+        self.unmask_rows()
+        if self.tracker is None or mask is None:
+            return
+        if not (torch.is_tensor(mask) and mask.dim() == 2):
+            if not self._mask_refused:
+                self._mask_refused = True
+                logger.info(
+                    "the attention_mask is not a (batch, time) tensor (%s): padding is not left out",
+                    tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__,
+                )
+            return
+        self._masking.enter_context(self.tracker.row_mask(mask))
+
+    def unmask_rows(self) -> None:
+        """End the row mask :meth:`mask_rows` set, if any."""
+        self._masking.close()
+
+    def follow_attention_mask(self, model: nn.Module) -> None:
+        """Apply the ``attention_mask`` keyword of every call of ``model`` as the row mask during that call."""
+        self._mask_handles = [
+            model.register_forward_pre_hook(_AttentionMaskHook(self, before=True), with_kwargs=True),
+            model.register_forward_hook(_AttentionMaskHook(self, before=False)),
+        ]
 
     def open_epoch(self) -> Optional[Closed]:
         """Start recording a new epoch; returns what closing an epoch left open gave."""
@@ -179,6 +242,10 @@ class EpochTracking:
 
     def abort(self) -> None:
         """Close the tracker without writing the epoch in progress (training failed or was interrupted)."""
+        self.unmask_rows()
+        for handle in self._mask_handles:
+            handle.remove()
+        self._mask_handles = []
         if self.tracker is not None:
             self.tracker.close()
         self._open = False

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any, Dict, Optional
 
 from delve.integrations._base import Closed, EpochTracking, ModulesSpec, scalar_values
 from delve.tracker import CheckLayerSat
+from delve.validation import check_flag
 from delve.writers import WriterSpec
 
 try:
@@ -49,6 +51,14 @@ class SaturationCallback(Callback):
     starts, and the rows of the epochs before it are kept (an epoch the checkpoint
     interrupted keeps the row its first run wrote, if any).
 
+    Padding: when a training or validation batch is a mapping holding an
+    ``attention_mask`` (what Hugging Face tokenizers and collators give), it is the
+    tracker's row mask for that batch (see :meth:`~delve.CheckLayerSat.row_mask`), so
+    padded positions are left out of every ``(batch, tokens, ...)`` output. With
+    ``timeseries_method='timestepwise'`` every real token is a sample; with the default
+    ``'last_timestep'``, each sequence's last real token. ``use_attention_mask=False``
+    turns this off.
+
     Parameters
     ----------
     savefile : str, optional
@@ -62,6 +72,8 @@ class SaturationCallback(Callback):
         (e.g. ``lambda m: [m.encoder, m.head]``).
     log_to_loggers : bool, default True
         Also send the scalar values to ``trainer.loggers``.
+    use_attention_mask : bool, default True
+        Leave out the positions a mapping batch's ``attention_mask`` marks as padding.
     **tracker_kwargs
         Any other :class:`~delve.CheckLayerSat` argument (``stats``,
         ``average_sat``, ``verbose`` …). They are checked here, so a typo fails
@@ -82,11 +94,13 @@ class SaturationCallback(Callback):
         save_to: WriterSpec = "csv",
         modules: ModulesSpec = None,
         log_to_loggers: bool = True,
+        use_attention_mask: bool = True,
         **tracker_kwargs: Any,
     ):
         super().__init__()
         self._tracking = EpochTracking(savefile, save_to, modules, tracker_kwargs)
         self.log_to_loggers = bool(log_to_loggers)
+        self.use_attention_mask = check_flag("use_attention_mask", use_attention_mask)
         self._validated = False
         self._attach = False  # a fit has started and its tracker is still to be made
 
@@ -116,6 +130,18 @@ class SaturationCallback(Callback):
         self._validated = False
         self._report(trainer, self._tracking.open_epoch())
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._mask(batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tracking.unmask_rows()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._mask(batch)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._tracking.unmask_rows()
+
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
@@ -140,6 +166,10 @@ class SaturationCallback(Callback):
         self._tracking.abort()
 
     # ----------------------------------------------------------------- helpers
+    def _mask(self, batch: Any) -> None:
+        if self.use_attention_mask and isinstance(batch, Mapping):
+            self._tracking.mask_rows(batch.get("attention_mask"))
+
     def _report(self, trainer, closed: Optional[Closed]) -> None:
         if closed is None:
             return

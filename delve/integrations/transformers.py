@@ -1,6 +1,9 @@
 """Track saturation in a Hugging Face ``Trainer`` run with one callback.
 
 Install with ``pip install delve[transformers]`` (pulls ``transformers`` and ``accelerate``).
+The callback measures the tokens the model trains on: every real token is a sample
+(``timeseries_method='timestepwise'``) and the padding each batch's ``attention_mask``
+marks is left out.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any, Dict, Optional
 
 from delve.integrations._base import Closed, EpochTracking, ModulesSpec, scalar_values
 from delve.tracker import CheckLayerSat
+from delve.validation import check_flag
 from delve.writers import WriterSpec
 
 try:
@@ -45,6 +49,14 @@ class SaturationCallback(TrainerCallback):
     is not recorded. On a resumed run, rows continue at the epoch the trainer
     resumes in.
 
+    What a sample is: every real token. The tracker's ``timeseries_method`` defaults to
+    ``'timestepwise'`` here (each position of a ``(batch, tokens, features)`` output is a
+    sample), and the ``attention_mask`` the trainer passes the model is applied as the
+    tracker's row mask during each call (see :meth:`~delve.CheckLayerSat.row_mask`), so
+    padded positions are left out of every ``(batch, tokens, ...)`` output. Pass
+    ``timeseries_method='last_timestep'`` to measure each sequence's last real token
+    instead, and ``use_attention_mask=False`` to count padding as data.
+
     Parameters
     ----------
     savefile : str, optional
@@ -57,9 +69,13 @@ class SaturationCallback(TrainerCallback):
         (e.g. ``lambda m: m.bert.encoder``).
     log_to_history : bool, default True
         Also append the scalar values to ``state.log_history``.
+    use_attention_mask : bool, default True
+        Leave out the positions the ``attention_mask`` keyword of each model call marks
+        as padding.
     **tracker_kwargs
         Any other :class:`~delve.CheckLayerSat` argument (``stats``, ``layer_filter``,
-        ``verbose`` …). They are checked here, so a typo fails before training.
+        ``verbose`` …; ``timeseries_method`` defaults to ``'timestepwise'``). They are
+        checked here, so a typo fails before training.
 
     Examples
     --------
@@ -77,10 +93,13 @@ class SaturationCallback(TrainerCallback):
         save_to: WriterSpec = "csv",
         modules: ModulesSpec = None,
         log_to_history: bool = True,
+        use_attention_mask: bool = True,
         **tracker_kwargs: Any,
     ):
+        tracker_kwargs.setdefault("timeseries_method", "timestepwise")
         self._tracking = EpochTracking(savefile, save_to, modules, tracker_kwargs)
         self.log_to_history = bool(log_to_history)
+        self.use_attention_mask = check_flag("use_attention_mask", use_attention_mask)
 
     @property
     def history(self) -> Dict[int, Dict[str, Any]]:
@@ -101,6 +120,8 @@ class SaturationCallback(TrainerCallback):
         first_epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
         output_dir = args.output_dir or os.getcwd()
         self._tracking.attach(model, os.path.join(output_dir, "saturation"), first_epoch)
+        if self.use_attention_mask:
+            self._tracking.follow_attention_mask(model)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._report(state, self._tracking.open_epoch())
