@@ -67,6 +67,16 @@ def test_npy_resume_without_a_readable_state_rebuilds_the_index_from_the_files(t
     assert any("found by their folder names" in r.getMessage() for r in caplog.records)
 
 
+def test_reconstruct_reads_a_folder_whose_state_file_is_damaged(tmp_path, caplog):
+    savefile = str(tmp_path / "run")
+    _, rows = first_run(savefile)
+    open(os.path.join(savefile, STATE_FILE), "wb").write(b"\x00\xff{not json")
+    with caplog.at_level(logging.WARNING, logger="delve"):
+        table = reconstruct_csv_from_npy_data(savefile, thresh=0.99)
+    assert "unreadable" in caplog.text
+    check_rows(table, rows, range(3), seed=0)
+
+
 def test_npy_index_rebuilt_from_files_gives_sanitised_keys_their_names_back(tmp_path):
     savefile = str(tmp_path / "run")
     key = "train-saturation_conv/ü 1"  # not a file name: its folder is a sanitised name with a hash

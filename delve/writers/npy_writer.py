@@ -118,28 +118,34 @@ def _scan(root: str) -> List[Tuple[str, str, List[int]]]:
     return entries
 
 
+def _read_or_scan(root: str) -> Tuple[List[Tuple[str, str, List[int]]], Optional[str]]:
+    """Return the folder's index and, when it had to be rebuilt from the file names, why."""
+    try:
+        entries = read_state(root)
+        problem = None if entries is not None else f"has no {STATE_FILE}"
+    except ValueError as err:
+        entries, problem = None, f"has an unreadable {STATE_FILE} ({err})"
+    return (entries, None) if entries is not None else (_scan(root), problem)
+
+
 def load_index(root: str) -> List[Tuple[str, str, List[int]]]:
     """List what an npy folder holds: ``[(key, folder, epochs), ...]`` in the order keys first appeared.
 
-    The state file is the index. Without one (a folder copied without it), the
-    sub-folders are scanned instead: keys are then the folder names, in sorted order.
+    The state file is the index. Without a readable one (a folder copied without it, a
+    run killed while writing it), the sub-folders are scanned instead: keys are then the
+    folder names, in sorted order, and a warning says so.
 
     Raises
     ------
     FileNotFoundError
         If ``root`` is not a folder.
-    ValueError
-        If its state file is malformed.
 
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"npy folder {root!r} does not exist (the npy writer saves into {{savefile}}/)")
-    entries = read_state(root)
-    if entries is None:
-        logger.warning(
-            "%s has no %s; keys are read from the folder names and their original order is lost", root, STATE_FILE
-        )
-        entries = _scan(root)
+    entries, problem = _read_or_scan(root)
+    if problem is not None:
+        logger.warning("%s %s; keys are read from the folder names and their original order is lost", root, problem)
     return entries
 
 
@@ -203,19 +209,14 @@ class NPYWriter(AbstractWriter):
             remove_temporaries(os.path.join(self.root, folder), re.compile(re.escape(folder) + r"_epoch\d+\.npy"))
 
     def _previous_files(self) -> List[Tuple[str, str, List[int]]]:
-        try:
-            entries = read_state(self.root)
-        except ValueError as err:
-            logger.warning("the previous npy state is unreadable (%s); its index is rebuilt from the files", err)
-            entries = None
-        if entries is not None or not os.path.isdir(self.root):
-            return entries or []
-        entries = _scan(self.root)
-        if entries:
+        if not os.path.isdir(self.root):
+            return []
+        entries, problem = _read_or_scan(self.root)
+        if problem is not None and entries:
             logger.warning(
-                "%s has no readable %s: the earlier run's %d key(s) were found by their folder names "
+                "%s %s: the earlier run's %d key(s) were found by their folder names "
                 "(a sanitised name becomes its key's own again when this run writes that key)",
-                self.root, STATE_FILE, len(entries),
+                self.root, problem, len(entries),
             )
             self._found = {key for key, _, _ in entries}
         return entries
