@@ -163,8 +163,8 @@ def _tag_pattern(stems: Tuple[Tuple[str, str], ...]) -> re.Pattern[str]:
 def parse_tag(tag: str) -> Optional[Key]:
     """Read a tag back (:attr:`Key.tag`): the :class:`Key` it names, or ``None``.
 
-    The tags of vector entries (``.../rank-1``) and pictures read back as a layer whose
-    name ends in ``/rank-1`` or ``/history``; check :attr:`Key.statistic` to tell them apart.
+    Meant for the tags of values: the tag of a picture reads back as a layer named
+    ``history``, that of a vector entry as a layer named ``{layer}/rank-{i}``.
     """
     stems = tuple((s.stem, s.name) for s in registered_stats())
     match = _tag_pattern(stems).match(str(tag))
