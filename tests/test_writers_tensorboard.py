@@ -149,6 +149,31 @@ def test_images_off_draws_nothing_and_never_imports_matplotlib(tmp_path):
     assert [step for step, _ in series(events, "train-saturation/0")] == [0, 1]
 
 
+def test_a_resume_reads_what_a_killed_run_left_and_skips_an_unreadable_file(tmp_path, caplog):
+    model = make_model()
+    savefile = str(tmp_path / "run")
+    first = CheckLayerSat(savefile, ["tb", "csv"], model, stats=["lsat_train"], writer_args={"figsize": FIGSIZE})
+    run_epochs(first, model, epochs=3, train_batches=1)
+    first.close()
+    (events_file,) = os.listdir(savefile)
+    with open(os.path.join(savefile, events_file), "r+b") as handle:  # a run killed while writing
+        handle.truncate(os.path.getsize(handle.name) - 7)
+    with open(os.path.join(savefile, "events.out.tfevents.0.garbage"), "wb") as handle:
+        handle.write(b"\x05\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00not a protobuf\x00\x00\x00\x00")
+
+    second = CheckLayerSat(savefile, ["tb", "csv"], model, stats=["lsat_train"], writer_args={"figsize": FIGSIZE},
+                           initial_epoch=2)
+    run_epochs(second, model, epochs=1, first_epoch=2, train_batches=1, seed=1)
+    second.close()
+    assert any("could not read the TensorBoard events" in r.getMessage() and "garbage" in r.getMessage()
+               for r in caplog.records)
+    table = read_table(savefile + ".csv")
+    (image,) = [i for i in read_events(savefile).Images("train-saturation/history") if i.step == 2]
+    # Epochs 0 and 1 of the killed run are read back: the heatmap at epoch 2 is the whole run's.
+    reference = history_figure(table.loc[:2], "lsat", "train", figsize=FIGSIZE)
+    np.testing.assert_array_equal(decoded(image.encoded_image_string), decoded(png_bytes(reference)))
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
