@@ -140,24 +140,27 @@ def _manipulate(ax: Axes, func: AxesFunc) -> Axes:
     return ax if result is None else result
 
 
-def png_bytes(figure: Figure) -> bytes:
-    """Render a figure of this module as PNG (``figsize`` × 100 pixels) and clear it.
-
-    The PNG files and the TensorBoard images are both rendered here, so they are the same pictures.
-    """
-    buffer = io.BytesIO()
+def _render(figure: Figure, target) -> None:
     try:
-        figure.savefig(buffer, format="png", dpi=DPI)
+        figure.savefig(target, format="png", dpi=DPI)
     finally:
         # Drop the artists now rather than whenever the garbage collector runs.
         figure.clear()
+
+
+def png_bytes(figure: Figure) -> bytes:
+    """Render a figure of this module as PNG (``figsize`` × 100 pixels) and clear it.
+
+    The PNG files and the TensorBoard images are both rendered this way, so they are the same pictures.
+    """
+    buffer = io.BytesIO()
+    _render(figure, buffer)
     return buffer.getvalue()
 
 
 def _save(figure: Figure, path: str) -> str:
-    data = png_bytes(figure)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        handle.write(data)
+    with atomic_path(path) as tmp:
+        _render(figure, tmp)
     return path
 
 

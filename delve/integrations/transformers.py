@@ -149,7 +149,7 @@ class SaturationCallback(TrainerCallback):
         self._tracking.attach(model, os.path.join(output_dir, "saturation"), first_epoch)
         if self.use_attention_mask:
             self._tracking.follow_attention_mask(model)
-        if self.log_to_history and self._trainer is None and args.report_to:
+        if self.log_to_history and self._trainer is None and getattr(args, "report_to", None):
             logger.warning(
                 "the saturation values go to state.log_history but not to the reporters %s: "
                 "add the callback with trainer.add_callback(SaturationCallback(trainer=trainer, ...))",
