@@ -54,7 +54,7 @@ Mask = Optional[torch.Tensor]
 class Rows(NamedTuple):
     """What a rule makes of one output.
 
-    Attributes
+    Parameters
     ----------
     data : torch.Tensor
         ``(..., features)``: every index of the leading dimensions is a row.

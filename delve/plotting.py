@@ -27,6 +27,7 @@ are drawn like the built-in ones.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections import OrderedDict
@@ -55,10 +56,12 @@ __all__ = [
     "epoch_figure",
     "history_figure",
     "plot_embeddings",
+    "plot_epochs",
     "plot_history",
     "plot_spectra",
     "plot_table",
     "plot_vectors",
+    "png_bytes",
     "read_table",
     "spectrum_figure",
     "stat_groups",
@@ -137,13 +140,27 @@ def _manipulate(ax: Axes, func: AxesFunc) -> Axes:
     return ax if result is None else result
 
 
-def _save(figure: Figure, path: str) -> str:
+def _render(figure: Figure, target) -> None:
     try:
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, format="png", dpi=DPI)
+        figure.savefig(target, format="png", dpi=DPI)
     finally:
         # Drop the artists now rather than whenever the garbage collector runs.
         figure.clear()
+
+
+def png_bytes(figure: Figure) -> bytes:
+    """Render a figure of this module as PNG (``figsize`` × 100 pixels) and clear it.
+
+    The PNG files and the TensorBoard images are both rendered this way, so they are the same pictures.
+    """
+    buffer = io.BytesIO()
+    _render(figure, buffer)
+    return buffer.getvalue()
+
+
+def _save(figure: Figure, path: str) -> str:
+    with atomic_path(path) as tmp:
+        _render(figure, tmp)
     return path
 
 
@@ -410,6 +427,47 @@ def plot_history(
     return paths
 
 
+def plot_epochs(
+    table: pd.DataFrame,
+    savefile: str,
+    epochs: Optional[Iterable[int]] = None,
+    fontsize: float = DEFAULT_FONTSIZE,
+    figsize: Sequence[float] = DEFAULT_FIGSIZE,
+    primary_metric: Optional[str] = None,
+    plot_manipulation_func: AxesFunc = None,
+) -> List[str]:
+    """Write ``{savefile}_{stat}_{mode}_epoch_{epoch}.png`` (a bar per layer) for every scalar stat and mode.
+
+    ``epochs`` are the epochs to draw (all rows by default); an (epoch, stat, mode)
+    without any value (a stopped epoch, a row of user scalars only) is skipped. The
+    other arguments are those of :func:`plot_table`.
+
+    Returns
+    -------
+    list of str
+        The paths written.
+
+    """
+    check_plot_options(fontsize, figsize, primary_metric, plot_manipulation_func)
+    _check_primary(table, primary_metric)
+    if epochs is None:
+        epochs = list(table.index)
+    else:
+        epochs = list(epochs)
+        missing = [e for e in epochs if e not in table.index]
+        if missing:
+            raise ValueError(f"epochs {missing} are not in the table; epochs are {list(table.index)}")
+    groups = stat_groups(table.columns)
+    paths = []
+    for epoch in epochs:
+        for (stat, mode), columns in groups.items():
+            if table.loc[epoch, [c for _, c in columns]].isna().all():
+                continue
+            figure = epoch_figure(table, stat, mode, epoch, fontsize, figsize, primary_metric, plot_manipulation_func)
+            paths.append(_save(figure, f"{savefile}_{stat}_{mode}_epoch_{int(epoch)}.png"))
+    return paths
+
+
 def plot_table(
     table: pd.DataFrame,
     savefile: str,
@@ -446,23 +504,7 @@ def plot_table(
         The paths written.
 
     """
-    check_plot_options(fontsize, figsize, primary_metric, plot_manipulation_func)
-    _check_primary(table, primary_metric)
-    if epochs is None:
-        epochs = list(table.index)
-    else:
-        epochs = list(epochs)
-        missing = [e for e in epochs if e not in table.index]
-        if missing:
-            raise ValueError(f"epochs {missing} are not in the table; epochs are {list(table.index)}")
-    groups = stat_groups(table.columns)
-    paths = []
-    for epoch in epochs:
-        for (stat, mode), columns in groups.items():
-            if table.loc[epoch, [c for _, c in columns]].isna().all():
-                continue
-            figure = epoch_figure(table, stat, mode, epoch, fontsize, figsize, primary_metric, plot_manipulation_func)
-            paths.append(_save(figure, f"{savefile}_{stat}_{mode}_epoch_{int(epoch)}.png"))
+    paths = plot_epochs(table, savefile, epochs, fontsize, figsize, primary_metric, plot_manipulation_func)
     paths += plot_history(table, savefile, fontsize, figsize, primary_metric, plot_manipulation_func)
     return paths
 

@@ -56,3 +56,28 @@ def test_overhead_json_reports_every_quantity_for_the_lstm():
     state = sum(8 * (d * d + 2 * d) for d in (256, 256, 10))
     assert state <= case["accumulator_bytes"] <= 1.1 * state
     assert case["transient_bytes"] == 8 * 256 * 256
+
+
+def test_plots_json_times_every_writer_against_the_bar_charts_alone():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "plots.py"), "--epochs", "2", "--layers", "2", "--every", "none,1",
+         "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["machine"]["cpu"] and report["machine"]["cores"] >= 1
+    writers = [case["writer"] for case in report["results"]]
+    assert writers == ["bars only", "plot writer, history_every=None", "plot writer, history_every=1"]
+    # Two modes (lsat is the default stat) over two epochs: four bar charts each; the plot
+    # writers add a heatmap per mode, drawn at close (None) or at every epoch (1).
+    assert [case["pictures"] for case in report["results"]] == [4, 6, 6]
+    baseline = report["results"][0]
+    for case in report["results"]:
+        assert case["layers"] == 2 and case["epochs"] == 2
+        for key in ("epoch_wall_s", "epoch_cpu_s", "median_epoch_wall_s", "run_wall_per_epoch_s"):
+            assert math.isfinite(case[key]) and case[key] > 0, key
+        assert math.isclose(case["ratio_cpu"], case["epoch_cpu_s"] / baseline["epoch_cpu_s"])

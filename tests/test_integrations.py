@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers import (
@@ -26,6 +27,7 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -47,6 +49,13 @@ def reference(rows):
 
 def read_csv(path):
     return pd.read_csv(path, sep=";", index_col=0)
+
+
+def tb_scalars(logdir):
+    """``tag -> [(step, value)]`` of the event files in ``logdir``, read by TensorBoard's reader."""
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.fixture(autouse=True)
@@ -186,8 +195,9 @@ def test_lightning_callback_writes_each_epochs_train_and_validation_statistics(t
     torch.manual_seed(0)
     module = TinyModule()
     records = {name: capture_lightning(module, module.net[i])[0] for name, i in (("net-0", 0), ("net-2", 2))}
-    callback = LightningSaturation(stats=["lsat", "idim", "trc"], sat_threshold=THRESH)
-    trainer = lightning_trainer(tmp_path, callback)
+    callback = LightningSaturation(stats=["lsat", "idim", "trc"], sat_threshold=THRESH, average_sat=True)
+    tensorboard = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = lightning_trainer(tmp_path, callback, logger=[CSVLogger(str(tmp_path)), tensorboard])
     trainer.fit(module, *loaders())
 
     # The sanity check ran (and must not be counted).
@@ -201,26 +211,38 @@ def test_lightning_callback_writes_each_epochs_train_and_validation_statistics(t
         for layer in ("net-0", "net-2")
         for stat in ("saturation", "intrinsic-dimensionality", "covariance-trace")
     ]
-    assert list(table.columns) == expected_columns
+    assert [c for c in table.columns if not c.startswith("average-")] == expected_columns
 
+    lsats = {}
     for name, layer_records in records.items():
         for epoch in (0, 1):
             for mode, batches in (("train", 3), ("eval", 2)):
                 rows = [out for sanity, e, m, out in layer_records if not sanity and e == epoch and m == mode]
                 assert len(rows) == batches
                 idim, lsat, trace = reference(rows)
+                lsats.setdefault((epoch, mode), []).append(lsat)
                 assert table.loc[epoch, f"{mode}-intrinsic-dimensionality_{name}"] == idim
                 assert table.loc[epoch, f"{mode}-saturation_{name}"] == pytest.approx(lsat, abs=1e-12)
                 assert table.loc[epoch, f"{mode}-covariance-trace_{name}"] == pytest.approx(trace, rel=1e-6)
+    for (epoch, mode), values in lsats.items():
+        assert table.loc[epoch, f"average-{mode}-sat"] == pytest.approx(np.mean(values), abs=1e-12)
     # Low-rank inputs: the first layer is far from saturated, so the comparison is not trivial.
     assert table["train-intrinsic-dimensionality_net-0"].max() < 8
 
-    # The same values reached the trainer's logger, one row per epoch.
+    # The same values reached the trainer's loggers, one row per epoch, named by statistic
+    # the way dashboards group them: {mode}-{statname}/{layer} and {mode}-saturation/average.
+    tags = {column: column.replace("_", "/", 1) for column in expected_columns}
+    tags.update({f"average-{mode}-sat": f"{mode}-saturation/average" for mode in ("train", "eval")})
     metrics = pd.read_csv(os.path.join(trainer.log_dir, "metrics.csv"))
-    logged = metrics.dropna(subset=["train-saturation_net-0"]).set_index("epoch")
+    logged = metrics.dropna(subset=["train-saturation/net-0"]).set_index("epoch")
     assert list(logged.index) == [0, 1]
-    for column in expected_columns:
-        np.testing.assert_allclose(logged[column].to_numpy(), table[column].to_numpy(), rtol=1e-12)
+    assert not [c for c in metrics.columns if "_net-" in c or c.startswith("average-")]
+    events = tb_scalars(tensorboard.log_dir)
+    for column, tag in tags.items():
+        np.testing.assert_allclose(logged[tag].to_numpy(), table[column].to_numpy(), rtol=1e-12)
+        steps = logged["step"].astype(int).tolist()
+        assert [step for step, _ in events[tag]] == steps
+        np.testing.assert_allclose([value for _, value in events[tag]], table[column].to_numpy(), rtol=1e-6)
     assert sorted(callback.history) == [0, 1]
 
     # Fit is over: every hook of the tracker is gone, only the test's own remain.
@@ -318,7 +340,7 @@ class TokenDataset(Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
 
 
-def test_transformers_callback_writes_each_epochs_train_and_evaluation_statistics(tmp_path):
+def tiny_bert():
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=50,
@@ -328,7 +350,51 @@ def test_transformers_callback_writes_each_epochs_train_and_evaluation_statistic
         intermediate_size=32,
         max_position_embeddings=16,
     )
-    model = BertForSequenceClassification(config)
+    return BertForSequenceClassification(config)
+
+
+def hf_arguments(tmp_path, **changes):
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=2,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    options.update(changes)
+    return TrainingArguments(**options)
+
+
+class ReceivedLogs(TrainerCallback):
+    """A reporter of our own: what the trainer's ``on_log`` hands every reporter."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append((state.global_step, dict(logs)))
+
+
+def hf_names(column):
+    """The names a CSV column goes by in the trainer's logs and in its TensorBoard reporter.
+
+    The trainer writes the mode its own way (``loss`` / ``eval_loss``) and its reporters
+    show ``train/...`` and ``eval/...``: ``eval-saturation_classifier`` is logged as
+    ``eval_saturation/classifier`` and shown as ``eval/saturation/classifier``.
+    """
+    mode, rest = column.split("-", 1)
+    stem, layer = rest.split("_", 1)
+    logged = ("eval_" if mode == "eval" else "") + f"{stem}/{layer}"
+    return logged, f"{mode}/{stem}/{layer}"
+
+
+def test_transformers_callback_writes_each_epochs_train_and_evaluation_statistics(tmp_path):
+    model = tiny_bert()
     layers = {"bert-pooler-dense": model.bert.pooler.dense, "classifier": model.classifier}
     records = {name: [] for name in layers}
 
@@ -340,31 +406,22 @@ def test_transformers_callback_writes_each_epochs_train_and_evaluation_statistic
 
     for name, layer in layers.items():
         layer.register_forward_hook(recorder(name))
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        num_train_epochs=2,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        eval_strategy="epoch",
-        eval_on_start=True,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-    )
-    callback = HFSaturation(
-        stats=["lsat", "trc"],
-        sat_threshold=THRESH,
-        layer_filter=lambda layers: {k: v for k, v in layers.items() if k in ("bert-pooler-dense", "classifier")},
-    )
+    args = hf_arguments(tmp_path, eval_on_start=True, report_to=["tensorboard"])
+    received = ReceivedLogs()
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=TokenDataset(12, seed=0),
         eval_dataset=TokenDataset(8, seed=1),
-        callbacks=[callback],
+        callbacks=[received],
     )
+    callback = HFSaturation(
+        trainer=trainer,
+        stats=["lsat", "trc"],
+        sat_threshold=THRESH,
+        layer_filter=lambda layers: {k: v for k, v in layers.items() if k in ("bert-pooler-dense", "classifier")},
+    )
+    trainer.add_callback(callback)
     trainer.train()
 
     table = read_csv(os.path.join(args.output_dir, "saturation.csv"))
@@ -391,13 +448,48 @@ def test_transformers_callback_writes_each_epochs_train_and_evaluation_statistic
                 assert table.loc[epoch, f"{mode}-covariance-trace_{name}"] == pytest.approx(trace, rel=1e-6)
 
     # One log_history entry per epoch, shaped like the trainer's own, with the same values.
-    entries = [e for e in trainer.state.log_history if "train-saturation_classifier" in e]
+    entries = [e for e in trainer.state.log_history if "saturation/classifier" in e]
     assert [e["epoch"] for e in entries] == [1.0, 2.0]
     assert [e["step"] for e in entries] == [3, 6]
     for epoch, entry in enumerate(entries):
+        assert set(entry) == {hf_names(column)[0] for column in table.columns} | {"epoch", "step"}
         for column in table.columns:
-            assert entry[column] == pytest.approx(table.loc[epoch, column], rel=1e-12)
+            assert entry[hf_names(column)[0]] == pytest.approx(table.loc[epoch, column], rel=1e-12)
+    # Every reporter received them through on_log, at the epoch's step.
+    ours = [(step, logs) for step, logs in received.logs if "saturation/classifier" in logs]
+    assert [step for step, _ in ours] == [3, 6]
+    for (_, logs), entry in zip(ours, entries):
+        assert logs == {k: v for k, v in entry.items() if k != "step"}
+    # The trainer's TensorBoard reporter wrote them under train/... and eval/..., per statistic.
+    (logdir,) = [root for root, _, files in os.walk(args.output_dir) if any("tfevents" in f for f in files)]
+    events = tb_scalars(logdir)
+    for column in table.columns:
+        tag = hf_names(column)[1]
+        assert [step for step, _ in events[tag]] == [3, 6]
+        np.testing.assert_allclose([v for _, v in events[tag]], table[column].to_numpy(), rtol=1e-6)
     assert all(len(layer._forward_hooks) == 1 for layer in layers.values())  # only the test's hooks are left
+
+
+def test_transformers_callback_without_the_trainer_fills_log_history_and_says_reporters_miss_it(tmp_path, caplog):
+    model = tiny_bert()
+    args = hf_arguments(tmp_path, num_train_epochs=1, report_to=["tensorboard"])
+    callback = HFSaturation(stats=["lsat"], layer_filter=lambda layers: {"classifier": layers["classifier"]})
+    received = ReceivedLogs()
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(8, seed=0),
+                      eval_dataset=TokenDataset(4, seed=1), callbacks=[callback, received])
+    trainer.train()
+
+    table = read_csv(os.path.join(args.output_dir, "saturation.csv"))
+    (entry,) = [e for e in trainer.state.log_history if "saturation/classifier" in e]
+    assert entry == {
+        "saturation/classifier": pytest.approx(table.loc[0, "train-saturation_classifier"], rel=1e-12),
+        "eval_saturation/classifier": pytest.approx(table.loc[0, "eval-saturation_classifier"], rel=1e-12),
+        "epoch": 1.0,
+        "step": 2,
+    }
+    assert not [logs for _, logs in received.logs if "saturation/classifier" in logs]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "delve.integrations.transformers"]
+    assert len(warnings) == 1 and "['tensorboard']" in warnings[0] and "trainer=trainer" in warnings[0]
 
 
 # --------------------------------------------------------------------- bad arguments
@@ -421,6 +513,11 @@ def test_bad_arguments_fail_when_the_callback_is_made(callback_class):
         callback_class(use_attention_mask="yes")
     # A filter that would keep nothing of a stand-in layer is fine: it is meant for the model.
     callback_class(layer_filter=lambda layers: {}, include_conv=False, ignore_layer_names=["Module-0-Linear"])
+
+
+def test_the_transformers_trainer_argument_must_be_a_trainer():
+    with pytest.raises(TypeError, match="trainer must be the transformers Trainer the callback is added to, got str"):
+        HFSaturation(trainer="trainer")
 
 
 def test_checking_the_arguments_writes_nothing(tmp_path, monkeypatch, capsys):

@@ -70,7 +70,7 @@ def test_a_declared_stat_and_layer_reach_csv_tensorboard_and_summary(tmp_path, d
     for (epoch, name), share in expected.items():
         column = f"train-top-eigenvalue-share_{name}"
         assert table.loc[epoch, column] == pytest.approx(share, rel=1e-6)
-        scalars = {e.step: e.value for e in events.Scalars(column)}
+        scalars = {e.step: e.value for e in events.Scalars(f"train-top-eigenvalue-share/{name}")}  # grouped tag
         assert scalars[epoch] == pytest.approx(share, rel=1e-6)
     summary = summarize(table)
     assert "top1" in summary.columns

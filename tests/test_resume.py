@@ -1,14 +1,17 @@
 """initial_epoch: a resumed run continues every writer's output; a new run replaces it."""
 
+import io
 import json
 import os
 
+import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from delve import CheckLayerSat, reconstruct_csv_from_npy_data
+from delve.plotting import history_figure, png_bytes
 from delve.writers.npy_writer import STATE_FILE
 from tests.reference import np_cov, np_stats, rel_err
 from tests.writer_runs import LAYERS, loss_value, make_model, run_epochs
@@ -20,6 +23,16 @@ def tb_series(logdir):
     events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def tb_images(logdir):
+    events = EventAccumulator(str(logdir), size_guidance={"images": 0})
+    events.Reload()
+    return {tag: [(e.step, e.encoded_image_string) for e in events.Images(tag)] for tag in events.Tags()["images"]}
+
+
+def pixels(png):
+    return mpimg.imread(io.BytesIO(png), format="png")
 
 
 def read_table(path):
@@ -40,10 +53,9 @@ def file_bytes(folder):
 
 
 def track(savefile, save_to, model, **kwargs):
-    if "plot" in save_to:  # fewer pictures: drawing is the slow part
-        return CheckLayerSat(savefile, save_to, model, stats=["lsat_train", "cov_train"],
-                             writer_args={"figsize": (2, 2)}, **kwargs)
-    return CheckLayerSat(savefile, save_to, model, stats=STATS, **kwargs)
+    # Small pictures, and fewer of them with the plot writer: drawing is the slow part.
+    stats = ["lsat_train", "cov_train"] if "plot" in save_to else STATS
+    return CheckLayerSat(savefile, save_to, model, stats=stats, writer_args={"figsize": (2, 2)}, **kwargs)
 
 
 def check_epoch(table, events, savefile, rows, epoch, seed):
@@ -54,10 +66,10 @@ def check_epoch(table, events, savefile, rows, epoch, seed):
         data = rows[epoch][(layer, "train")]
         ref = np_stats(data)
         assert table.at[epoch, f"train-saturation_{layer}"] == pytest.approx(ref["lsat"])
-        assert dict(events[f"train-saturation_{layer}"])[epoch] == pytest.approx(ref["lsat"])
+        assert dict(events[f"train-saturation/{layer}"])[epoch] == pytest.approx(ref["lsat"])
         if f"train-covariance-trace_{layer}" in table:
             assert table.at[epoch, f"train-covariance-trace_{layer}"] == pytest.approx(ref["trc"], rel=1e-6)
-            assert dict(events[f"train-covariance-trace_{layer}"])[epoch] == pytest.approx(ref["trc"], rel=1e-5)
+            assert dict(events[f"train-covariance-trace/{layer}"])[epoch] == pytest.approx(ref["trc"], rel=1e-5)
         key = f"train-covariance-matrix_{layer}"
         stored = os.path.join(savefile, key, f"{key}_epoch{epoch}.npy")
         assert rel_err(np.load(stored, allow_pickle=False), np_cov(data)) <= 1e-6
@@ -72,6 +84,7 @@ def test_a_run_resumed_at_epoch_3_continues_every_writer(tmp_path):
     csv_before = read_table(savefile + ".csv")
     npy_before = file_bytes(savefile)
     tb_before = tb_series(savefile)
+    images_before = tb_images(savefile)
     png_before = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path) if n.endswith(".png")}
     assert len(png_before) == 3 + 1  # three epochs and the history of lsat (train)
 
@@ -97,6 +110,14 @@ def test_a_run_resumed_at_epoch_3_continues_every_writer(tmp_path):
     for tag, values in events.items():
         assert [step for step, _ in values] == [0, 1, 2, 3, 4], tag
         assert values[:3] == tb_before[tag]
+    images = tb_images(savefile)
+    assert list(images) == list(images_before) == ["train-saturation/history"]
+    heatmaps = images["train-saturation/history"]
+    assert [step for step, _ in heatmaps] == [0, 1, 2, 3, 4]  # no step twice
+    assert heatmaps[:3] == images_before["train-saturation/history"]
+    for step, png in heatmaps[3:]:  # the resumed run's heatmaps hold the first run's epochs too
+        expected = png_bytes(history_figure(table.loc[:step], "lsat", "train", figsize=(2, 2)))
+        np.testing.assert_array_equal(pixels(png), pixels(expected))
 
     for name, content in png_before.items():
         if "_epoch_" in name:
@@ -122,6 +143,8 @@ def test_resuming_inside_the_old_run_replaces_the_overlap_once(tmp_path):
     assert list(table.index) == [0, 1, 2, 3, 4]
     for tag, values in events.items():
         assert [step for step, _ in values] == [0, 1, 2, 3, 4], tag  # no duplicated step 3
+    for tag, values in tb_images(savefile).items():
+        assert [step for step, _ in values] == [0, 1, 2, 3, 4], tag
     for epoch in range(5):
         check_epoch(table, events, savefile, rows, epoch, seed=0 if epoch < 3 else 1)
     assert all(epochs == [0, 1, 2, 3, 4] for epochs in npy_state(savefile).values())
@@ -141,6 +164,8 @@ def test_initial_epoch_0_starts_fresh_in_every_writer(tmp_path):
     events = tb_series(savefile)
     assert list(table.index) == [0, 1]
     for tag, values in events.items():
+        assert [step for step, _ in values] == [0, 1], tag
+    for tag, values in tb_images(savefile).items():
         assert [step for step, _ in values] == [0, 1], tag
     for epoch in range(2):
         check_epoch(table, events, savefile, rows, epoch, seed=1)

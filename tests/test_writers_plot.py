@@ -63,7 +63,8 @@ def test_plot_writer_writes_csv_epoch_bars_history_spectrum_and_embed(tmp_path):
 
     tracker = CheckLayerSat(
         savefile, "plot", model, stats=["lsat", "spectrum_train", "embed_eval"], average_sat=True,
-        writer_args={"fontsize": 8, "figsize": FIGSIZE, "primary_metric": "loss", "plot_manipulation_func": manipulate},
+        writer_args={"fontsize": 8, "figsize": FIGSIZE, "primary_metric": "loss", "plot_manipulation_func": manipulate,
+                     "history_every": 1},
     )
     rows = run_epochs(tracker, model, epochs=2)
     tracker.close()
@@ -117,6 +118,44 @@ def test_plot_writer_writes_csv_epoch_bars_history_spectrum_and_embed(tmp_path):
         expected = np_embedding(rows[panel["epoch"]][(panel["title"], "eval")])
         assert panel["points"].shape == expected.shape
         np.testing.assert_allclose(aligned(panel["points"], expected), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "every, drawn_after_saves, drawn_at_close",
+    [
+        (1, [[1], [1, 2], [1, 2, 3]], []),
+        (2, [[], [2], [2]], [3]),
+        (None, [[], [], []], [3]),
+        ("default", [[], [], []], [3]),  # only at close: an epoch costs its bar charts alone
+    ],
+)
+def test_history_heatmaps_are_redrawn_every_n_epochs_and_at_close(tmp_path, every, drawn_after_saves, drawn_at_close):
+    """``drawn_*``: the number of epochs each heatmap drawn so far shows."""
+    model = make_model()
+    savefile = str(tmp_path / "run")
+    heatmaps = []
+
+    def capture(ax):
+        if ax.get_images():  # a heatmap, not a bar chart
+            heatmaps.append(np.ma.getdata(ax.get_images()[0].get_array()).copy())
+        return ax
+
+    args = {"figsize": (2, 2), "plot_manipulation_func": capture}
+    if every != "default":
+        args["history_every"] = every
+    tracker = CheckLayerSat(savefile, "plot", model, stats=["lsat_train"], writer_args=args)
+    rows = {}
+    for epoch, drawn in enumerate(drawn_after_saves):
+        rows.update(run_epochs(tracker, model, epochs=1, first_epoch=epoch, train_batches=1))
+        assert os.path.exists(tmp_path / f"run_lsat_train_epoch_{epoch}.png")  # the bars: at every epoch
+        assert [image.shape[1] for image in heatmaps] == drawn
+        assert os.path.exists(tmp_path / "run_lsat_train_history.png") == bool(drawn)
+    tracker.close()
+    assert [image.shape[1] for image in heatmaps] == drawn_after_saves[-1] + drawn_at_close
+    expected = np.array([[np_stats(rows[e][(layer, "train")])["lsat"] for e in range(3)] for layer in LAYERS])
+    for image in heatmaps:
+        np.testing.assert_allclose(image, expected[:, : image.shape[1]])
+    assert_real_png(str(tmp_path / "run_lsat_train_history.png"), shape=(200, 200))
 
 
 def test_epoch_figure_draws_the_table_values_in_tracking_order(tmp_path):
@@ -223,6 +262,7 @@ def test_many_epochs_leave_no_figure_behind_and_stopped_epochs_are_skipped(tmp_p
         ({"figsize": (4, 0)}, "figsize must be a pair of positive numbers"),
         ({"plot_manipulation_func": 3}, "plot_manipulation_func must be a callable"),
         ({"primary_metric": 1}, "primary_metric must be the name"),
+        ({"history_every": 0}, "history_every must be an integer >= 1 or None, got 0"),
     ],
 )
 def test_bad_plot_options_fail_at_construction(tmp_path, args, message):

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Dict, Optional
 
 from delve.integrations._base import Closed, EpochTracking, ModulesSpec, scalar_values
+from delve.keys import dashboard_tag
 from delve.tracker import CheckLayerSat
 from delve.validation import check_flag
 from delve.writers import WriterSpec
@@ -39,7 +40,9 @@ class SaturationCallback(Callback):
     (Lightning puts the module in eval mode for validation). The values also go to
     the trainer's loggers (``log_metrics``, with ``epoch`` added, at the trainer's
     ``global_step``), so they show up in ``CSVLogger``'s ``metrics.csv`` or in
-    TensorBoard next to the losses.
+    TensorBoard next to the losses, named by statistic as dashboards group them:
+    ``{mode}-{stem}/{layer}`` (``train-saturation/net-0``), ``{mode}-saturation/average``
+    (see :attr:`delve.keys.Key.tag`).
 
     Which forwards count for epoch ``N``: the training batches of epoch ``N`` and
     every validation run during it, including the one Lightning runs after its
@@ -176,7 +179,7 @@ class SaturationCallback(Callback):
         epoch, values = closed
         if not self.log_to_loggers or not trainer.loggers:
             return
-        metrics = scalar_values(values)
+        metrics = {dashboard_tag(name): value for name, value in scalar_values(values).items()}
         metrics["epoch"] = epoch
         try:
             for lightning_logger in trainer.loggers:

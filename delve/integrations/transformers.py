@@ -14,6 +14,7 @@ import os
 from typing import Any, Dict, Optional
 
 from delve.integrations._base import Closed, EpochTracking, ModulesSpec, scalar_values
+from delve.keys import parse_key
 from delve.tracker import CheckLayerSat
 from delve.validation import check_flag
 from delve.writers import WriterSpec
@@ -26,9 +27,13 @@ except ImportError as err:
         "install it with: pip install 'delve[transformers]'"
     ) from err
 
-__all__ = ["SaturationCallback"]
+__all__ = ["MODE_PREFIXES", "SaturationCallback", "log_name"]
 
 logger = logging.getLogger(__name__)
+
+#: How the trainer writes the mode of a value: ``loss`` in training, ``eval_loss`` in
+#: evaluation. Its reporters show them as ``train/loss`` and ``eval/loss``.
+MODE_PREFIXES = {"train": "", "eval": "eval_"}
 
 
 class SaturationCallback(TrainerCallback):
@@ -36,10 +41,18 @@ class SaturationCallback(TrainerCallback):
 
     The model's layers are hooked at ``on_train_begin``; every training epoch becomes
     one row of statistics. Evaluation forwards land in the ``eval`` columns (the
-    trainer puts the model in eval mode to evaluate). Each epoch's scalar values are
-    also appended to ``trainer.state.log_history`` as one entry shaped like the
-    trainer's own log entries (the values, ``epoch``, ``step``), so they are saved in
-    ``trainer_state.json`` with every checkpoint.
+    trainer puts the model in eval mode to evaluate).
+
+    Each epoch's scalar values are also logged as the trainer logs its own, named by
+    statistic and layer with the mode written the trainer's way (:func:`log_name`):
+    ``saturation/classifier`` for training, ``eval_saturation/classifier`` for
+    evaluation, ``saturation/average``. Given the trainer (``trainer=``), the callback
+    logs them with ``trainer.log``: they join ``trainer.state.log_history`` (saved in
+    ``trainer_state.json`` with every checkpoint) and reach every reporter of
+    ``report_to`` (TensorBoard shows them as ``train/saturation/classifier`` and
+    ``eval/saturation/classifier``; W&B, MLflow …). Without it, a callback cannot reach
+    the reporters: the entry is appended to ``log_history`` alone, shaped like the
+    trainer's (the values, ``epoch``, ``step``).
 
     Which forwards count for epoch ``N``: the training steps of epoch ``N``, every
     evaluation run during it (``eval_strategy='steps'``) and the evaluation the
@@ -68,10 +81,13 @@ class SaturationCallback(TrainerCallback):
         callable receives the model and returns the modules to track
         (e.g. ``lambda m: m.bert.encoder``).
     log_to_history : bool, default True
-        Also append the scalar values to ``state.log_history``.
+        Also log the scalar values (``state.log_history``, and the reporters when the
+        trainer is given).
     use_attention_mask : bool, default True
         Leave out the positions the ``attention_mask`` keyword of each model call marks
         as padding.
+    trainer : transformers.Trainer, optional
+        The trainer the callback is added to, to log through it (see above).
     **tracker_kwargs
         Any other :class:`~delve.CheckLayerSat` argument (``stats``, ``layer_filter``,
         ``verbose`` …; ``timeseries_method`` defaults to ``'timestepwise'``). They are
@@ -85,6 +101,12 @@ class SaturationCallback(TrainerCallback):
     ...                   callbacks=[SaturationCallback(stats=["lsat", "idim"])])  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
 
+    With the values in TensorBoard too:
+
+    >>> args = TrainingArguments("out", report_to=["tensorboard"], eval_strategy="epoch")  # doctest: +SKIP
+    >>> trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test)  # doctest: +SKIP
+    >>> trainer.add_callback(SaturationCallback(trainer=trainer, stats=["lsat"]))  # doctest: +SKIP
+
     """
 
     def __init__(
@@ -94,12 +116,17 @@ class SaturationCallback(TrainerCallback):
         modules: ModulesSpec = None,
         log_to_history: bool = True,
         use_attention_mask: bool = True,
+        trainer: Any = None,
         **tracker_kwargs: Any,
     ):
+        if trainer is not None and not callable(getattr(trainer, "log", None)):
+            kind = type(trainer).__name__
+            raise TypeError(f"trainer must be the transformers Trainer the callback is added to, got {kind}")
         tracker_kwargs.setdefault("timeseries_method", "timestepwise")
         self._tracking = EpochTracking(savefile, save_to, modules, tracker_kwargs)
         self.log_to_history = bool(log_to_history)
         self.use_attention_mask = check_flag("use_attention_mask", use_attention_mask)
+        self._trainer = trainer
 
     @property
     def history(self) -> Dict[int, Dict[str, Any]]:
@@ -122,6 +149,12 @@ class SaturationCallback(TrainerCallback):
         self._tracking.attach(model, os.path.join(output_dir, "saturation"), first_epoch)
         if self.use_attention_mask:
             self._tracking.follow_attention_mask(model)
+        if self.log_to_history and self._trainer is None and getattr(args, "report_to", None):
+            logger.warning(
+                "the saturation values go to state.log_history but not to the reporters %s: "
+                "add the callback with trainer.add_callback(SaturationCallback(trainer=trainer, ...))",
+                list(args.report_to),
+            )
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._report(state, self._tracking.open_epoch())
@@ -149,7 +182,24 @@ class SaturationCallback(TrainerCallback):
         if closed is None:
             return
         epoch, values = closed
-        if self.log_to_history:
-            entry = scalar_values(values)
+        if not self.log_to_history:
+            return
+        entry = {log_name(name): value for name, value in scalar_values(values).items()}
+        if self._trainer is None:
             entry.update(epoch=state.epoch, step=state.global_step)
             state.log_history.append(entry)
+            return
+        try:
+            self._trainer.log(entry)  # log_history and every reporter, as the trainer's own values
+        except Exception:  # a reporter failing must not stop training; the tracker's files have the values
+            logger.exception("could not log the epoch %d statistics through the trainer", epoch)
+
+
+def log_name(name: str) -> str:
+    """Return the name a value is logged under: ``{prefix}{stem}/{layer}``, the trainer's prefix of its mode.
+
+    ``saturation/classifier`` (training), ``eval_saturation/classifier`` (evaluation),
+    ``saturation/average``; values of the user's own keep their name.
+    """
+    key = parse_key(name)
+    return name if key is None else key.tag_with(MODE_PREFIXES[key.mode])

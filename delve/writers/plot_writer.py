@@ -12,6 +12,7 @@ import numpy as np
 from delve import plotting
 from delve._files import remove_temporaries
 from delve.keys import parse_key
+from delve.validation import check_int
 from delve.writers.csv_writer import CSVWriter
 
 logger = logging.getLogger(__name__)
@@ -22,11 +23,17 @@ class CSVandPlottingWriter(CSVWriter):
 
     For each scalar stat (short name, e.g. ``lsat``) and mode, per epoch:
     ``{savepath}_{stat}_{mode}_epoch_{epoch}.png`` (one bar per layer, tracking order;
-    saturation on a 0–1 axis), and a heatmap of the whole run refreshed at every save:
-    ``{savepath}_{stat}_{mode}_history.png`` (layers × epochs). A vector statistic
-    (``spectrum``) or samples (``embed``) add ``{savepath}_{stat}_{mode}_epoch_{epoch}.png``
-    (one panel per layer). The drawing
-    lives in :mod:`delve.plotting`, which can redraw everything from a CSV later.
+    saturation on a 0–1 axis). A vector statistic (``spectrum``) or samples (``embed``)
+    add ``{savepath}_{stat}_{mode}_epoch_{epoch}.png`` (one panel per layer).
+
+    The heatmap of the whole run, ``{savepath}_{stat}_{mode}_history.png`` (layers ×
+    epochs), costs as much as two to four bar charts, so it is not redrawn at every
+    save: by default it is drawn when the writer closes, and every ``history_every``
+    epochs if asked. An epoch then costs what the bar charts alone cost, as in the
+    releases before the heatmaps (``benchmarks/plots.py``). After a crash the CSV and
+    the bar charts hold every finished epoch, the heatmap the epochs up to its last
+    redraw, if any (``delve plot`` draws it from the CSV). The drawing lives in
+    :mod:`delve.plotting`, which can redraw everything from a CSV later.
 
     Parameters
     ----------
@@ -42,6 +49,10 @@ class CSVandPlottingWriter(CSVWriter):
     plot_manipulation_func : callable, optional
         ``(ax) -> ax``, applied to every axes before the picture is saved (limits,
         log scales, annotations …).
+    history_every : int, optional
+        Also redraw the history heatmaps during the run, once this many epochs have been
+        drawn since their last redraw (``1``: at every save). ``None`` (the default):
+        only when the writer closes.
 
     """
 
@@ -52,14 +63,17 @@ class CSVandPlottingWriter(CSVWriter):
         figsize: Sequence[float] = plotting.DEFAULT_FIGSIZE,
         primary_metric: Optional[str] = None,
         plot_manipulation_func: Optional[Callable] = None,
+        history_every: Optional[int] = None,
     ):
         self.fontsize, self.figsize = plotting.check_plot_options(
             fontsize, figsize, primary_metric, plot_manipulation_func
         )
+        self.history_every = check_int("history_every", history_every, minimum=1, allow_none=True)
         super().__init__(savepath)
         self.primary_metric = primary_metric
         self.plot_manipulation_func = plot_manipulation_func
         self._pending = set()
+        self._undrawn_history = 0  # epochs drawn as bars since the heatmaps were last redrawn
         self._arrays: Dict[int, Dict[str, np.ndarray]] = {}  # per epoch: vector and samples stats
         self._warned_primary = False
 
@@ -99,18 +113,35 @@ class CSVandPlottingWriter(CSVWriter):
             )
         return None
 
+    def _options(self) -> dict:
+        return {"fontsize": self.fontsize, "figsize": self.figsize,
+                "plot_manipulation_func": self.plot_manipulation_func}
+
     def save(self):
         super().save()
         table = self.table()
         epochs = sorted(e for e in self._pending if e in table.index)
-        options = {"fontsize": self.fontsize, "figsize": self.figsize,
-                   "plot_manipulation_func": self.plot_manipulation_func}
+        self._undrawn_history += len(epochs)
         try:
-            plotting.plot_table(table, self.savepath, epochs=epochs, primary_metric=self._primary(table), **options)
+            plotting.plot_epochs(table, self.savepath, epochs=epochs, primary_metric=self._primary(table),
+                                 **self._options())
             for epoch in sorted(self._arrays):
-                plotting.plot_vectors(self._arrays[epoch], self.savepath, epoch, **options)
+                plotting.plot_vectors(self._arrays[epoch], self.savepath, epoch, **self._options())
+            if self.history_every is not None and self._undrawn_history >= self.history_every:
+                self._draw_history(table)
         finally:
             # A picture that failed (say, a broken plot_manipulation_func) is not retried
             # at every later save; the CSV above is already safe.
             self._pending.clear()
             self._arrays.clear()
+
+    def _draw_history(self, table) -> None:
+        self._undrawn_history = 0  # set first: a failing heatmap is not retried at every save
+        plotting.plot_history(table, self.savepath, primary_metric=self._primary(table), **self._options())
+
+    def close(self):
+        try:
+            if self._undrawn_history:
+                self._draw_history(self.table())
+        finally:
+            super().close()
