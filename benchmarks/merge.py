@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from machine import cpu_name
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
@@ -39,18 +39,6 @@ from delve import distributed as delve_dist  # noqa: E402
 
 WIDTHS = (1024, 1024, 1024, 512, 512, 512, 256, 256, 256, 128, 64, 10)
 MODES = ("train", "eval")
-
-
-def cpu_name() -> str:
-    """Return the CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def former_merge(widths, world: int) -> Dict[str, int]:

@@ -34,6 +34,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
+from machine import cpu_name  # noqa: E402
+
 from delve import plotting  # noqa: E402
 from delve.keys import MODES, layer_key  # noqa: E402
 from delve.writers import CSVandPlottingWriter, CSVWriter  # noqa: E402
@@ -128,20 +130,11 @@ def machine() -> Dict:
     """Describe where the numbers were taken."""
     import matplotlib
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         python=platform.python_version(),
         matplotlib=matplotlib.__version__,
-        cpu=cpu,
+        cpu=cpu_name(),
         cores=os.cpu_count(),
         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     )

@@ -606,18 +606,7 @@ def test_transformers_trainer_on_padded_batches_measures_the_real_tokens(tmp_pat
     model = tiny_gpt2()
     layer = "transformer-h-0-mlp-c_fc"
     capture = PaddingCapture(model, model.transformer.h[0].mlp.c_fc)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        num_train_epochs=2,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        eval_strategy="epoch",
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-    )
+    args = hf_arguments(tmp_path)
     callback = HFSaturation(save_to="npy", stats=["cov"], layer_filter=lambda layers: {layer: layers[layer]})
     trainer = Trainer(
         model=model,
