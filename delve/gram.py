@@ -10,9 +10,15 @@ the column sums of ``(x - shift) * scale``:
   floating point (Sterbenz), and so is scaling by a power of two, so the float32 products
   keep their digits even when ``|mean|`` is ``10⁴·std`` and do not overflow when the
   activations are around ``1e18``;
-* the product computes only the lower block triangle of the symmetric result (up to half
-  the multiply-adds), over blocks of at most ``max(8192, features)`` rows whose float32
-  results are summed in float64, so rounding does not grow with the batch.
+* the products run over blocks of at most ``max(8192, features)`` rows whose float32
+  results are summed in float64, so rounding does not grow with the batch;
+* two products give the same digits: ``"full"``, one product per row block, and
+  ``"triangle"``, only the lower block triangle of the symmetric result (up to half the
+  multiply-adds, in more and narrower calls). Which is faster depends on the CPU's BLAS
+  (the triangle wins where a large product runs at a low rate, the full product where it
+  runs at full speed), so :data:`PRODUCTS` times both on the first batches of each shape
+  and keeps the faster (see :mod:`delve.autotune`); ``DELVE_GRAM_PRODUCT=full`` or
+  ``triangle`` forces one.
 """
 
 from __future__ import annotations
@@ -24,12 +30,18 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from delve.autotune import Autotuner, Decision
+
 __all__ = [
     "BLOCKWISE_FEATURES",
+    "PRODUCTS",
     "block_bounds",
     "centred_gram",
     "first_shift",
+    "host_factor",
     "power_of_two_scale",
+    "product_decision",
+    "product_signature",
     "release_workspace",
     "workspace_bytes",
 ]
@@ -44,7 +56,8 @@ _SHIFT_SAMPLE_ROWS = 4096
 #: (two passes over features² values cost as much as a sizeable part of the product), so
 #: the blocks above the diagonal are left undefined.
 BLOCKWISE_FEATURES = 512
-# Below this many multiply-adds (rows × features²) a product is not split into blocks.
+# Below this many multiply-adds (rows × features²) the triangle is not worth timing:
+# its extra calls cost more than the multiply-adds they save.
 _MIN_TRIANGLE_WORK = 2**22
 # A workspace larger than this is not kept between batches.
 _MAX_KEPT_WORKSPACE = 512 * 2**20
@@ -55,6 +68,9 @@ _local = threading.local()
 # Every thread's buffers, so that close() can free them all; a thread that ends takes its own along.
 _all_buffers: weakref.WeakKeyDictionary[threading.Thread, Dict[torch.dtype, torch.Tensor]] = weakref.WeakKeyDictionary()
 _buffers_lock = threading.Lock()
+
+#: Chooses each batch shape's product by timing ``"full"`` and ``"triangle"`` on its first batches.
+PRODUCTS = Autotuner("Gram product", ("full", "triangle"), env="DELVE_GRAM_PRODUCT")
 
 
 def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -110,12 +126,40 @@ def block_bounds(features: int) -> Tuple[int, ...]:
     return (0, *inner, features)
 
 
+def host_factor(scale: torch.Tensor) -> Optional[float]:
+    """Return ``scale`` as a Python number where reading it costs no synchronisation (the CPU), else ``None``."""
+    return scale.item() if scale.device.type == "cpu" else None
+
+
 def _centred_copy(x: torch.Tensor, shift: torch.Tensor, scale: Optional[torch.Tensor], out: torch.Tensor) -> None:
     if scale is None:
         torch.sub(x, shift, out=out)
-    else:
-        # x·c − s·c rounds exactly as (x − s)·c for a power-of-two c: one pass, no overflow.
+        return
+    # x·c − s·c rounds exactly as (x − s)·c for a power-of-two c: one pass, no overflow.
+    # A Python factor runs at the speed of a subtraction; a tensor one (through addcmul)
+    # at about half of it, but reading it would make a GPU wait.
+    factor = host_factor(scale)
+    if factor is None:
         torch.addcmul(shift * -scale, x, scale, out=out)
+    else:
+        torch.add(shift * -factor, x, alpha=factor, out=out)
+
+
+def product_signature(x: torch.Tensor, work: torch.dtype) -> Tuple:
+    """Return what the speed of a batch's products depends on: rows, features, layout, dtype, device.
+
+    The rows are rounded up to a power of two so that batches of sequences of every length
+    share a few signatures instead of timing each length anew.
+    """
+    features = x.shape[-1]
+    rows = x.numel() // max(features, 1)
+    layout = "rows" if x.stride(-1) == 1 or features == 1 else "features"
+    return (1 << max(rows - 1, 0).bit_length(), features, layout, str(work).replace("torch.", ""), x.device.type)
+
+
+def product_decision(signature: Tuple) -> Optional[Decision]:
+    """Return the product a signature uses and why (``None`` while its candidates are still timed)."""
+    return PRODUCTS.decision(signature)
 
 
 def centred_gram(
@@ -137,8 +181,8 @@ def centred_gram(
     work : torch.dtype
         The dtype of the centred copy and the products.
     bounds : tuple of int
-        The feature blocks (:func:`block_bounds`); only the lower block triangle is
-        computed. The blocks above it are zero, or undefined from
+        The feature blocks (:func:`block_bounds`) of the ``"triangle"`` product. When it
+        is used, the blocks above the lower block triangle are zero, or undefined from
         :data:`BLOCKWISE_FEATURES` features on.
     scale : torch.Tensor, optional
         A power of two the centred rows are multiplied by (0-d, in ``work``).
@@ -153,6 +197,27 @@ def centred_gram(
         the ``(features,)`` column sums in ``work``.
 
     """
+    features = x.shape[-1]
+    rows = x.numel() // features
+    chunks, sums = _centred_chunks(x, shift, work, scale, valid)
+    triangle = len(bounds) > 2 and rows * features * features >= _MIN_TRIANGLE_WORK
+    allowed = ("full", "triangle") if triangle else ("full",)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+
+    def product(name: str) -> torch.Tensor:
+        return _triangle(chunks, bounds) if name == "triangle" else _full(chunks)
+
+    return PRODUCTS.run(product_signature(x, work), allowed, product, sync), sums
+
+
+def _centred_chunks(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    work: torch.dtype,
+    scale: Optional[torch.Tensor],
+    valid: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Copy the centred rows into the workspace; return them as ``(blocks, features, rows)`` and their column sums."""
     features = x.shape[-1]
     rows = x.numel() // features
     # Row blocks only serve float32 rounding; at least `features` rows each keeps their
@@ -170,36 +235,46 @@ def centred_gram(
             flat[:rows].masked_fill_(~valid.reshape(rows, 1), 0.0)
         if padded > rows:
             flat[rows:].zero_()
-        sums = flat.sum(0)
-        chunks = flat.view(blocks, per_block, features).transpose(1, 2)
-    else:
-        # Features strided (a channels-first map seen as rows): write the centred copy
-        # feature-major, (features, rows), reading the input in its own memory order.
-        flat = buffer.view(features, padded)
-        lead = x.shape[:-1]
-        out = flat[:, :rows].view(features, *lead)
-        broadcast = (features,) + (1,) * len(lead)
-        _centred_copy(x.movedim(-1, 0), shift.view(broadcast), scale, out)
-        if valid is not None:
-            out.masked_fill_(~valid.unsqueeze(0), 0.0)
-        if padded > rows:
-            flat[:, rows:].zero_()
-        sums = flat.sum(1)
-        chunks = flat.view(features, blocks, per_block).transpose(0, 1)
-    # chunks: (blocks, features, per_block), whatever the layout; BLAS reads either.
-    dtype = work if blocks == 1 else torch.float64
-    if blocks == 1 and (len(bounds) == 2 or rows * features * features < _MIN_TRIANGLE_WORK):
-        # One full product: for a small one, extra calls would cost more than they save.
-        return chunks[0] @ chunks[0].T, sums
+        return flat.view(blocks, per_block, features).transpose(1, 2), flat.sum(0)
+    # Features strided (a channels-first map seen as rows): write the centred copy
+    # feature-major, (features, rows), reading the input in its own memory order.
+    flat = buffer.view(features, padded)
+    lead = x.shape[:-1]
+    out = flat[:, :rows].view(features, *lead)
+    broadcast = (features,) + (1,) * len(lead)
+    _centred_copy(x.movedim(-1, 0), shift.view(broadcast), scale, out)
+    if valid is not None:
+        out.masked_fill_(~valid.unsqueeze(0), 0.0)
+    if padded > rows:
+        flat[:, rows:].zero_()
+    return flat.view(features, blocks, per_block).transpose(0, 1), flat.sum(1)
+
+
+def _full(chunks: torch.Tensor) -> torch.Tensor:
+    """One full product per row block (BLAS reads either layout of ``chunks``), summed in float64."""
+    if chunks.shape[0] == 1:
+        return chunks[0] @ chunks[0].T
+    features = chunks.shape[1]
+    gram = torch.zeros(features, features, dtype=torch.float64, device=chunks.device)
+    part = torch.empty(features, features, dtype=chunks.dtype, device=chunks.device)
+    for chunk in chunks:
+        gram.add_(torch.mm(chunk, chunk.T, out=part))
+    return gram
+
+
+def _triangle(chunks: torch.Tensor, bounds: Tuple[int, ...]) -> torch.Tensor:
+    """Compute the lower block triangle only, each block row over all row blocks at once."""
+    blocks, features = chunks.shape[0], chunks.shape[1]
+    dtype = chunks.dtype if blocks == 1 else torch.float64
     new = torch.empty if features >= BLOCKWISE_FEATURES else torch.zeros
-    gram = new(features, features, dtype=dtype, device=x.device)
+    gram = new(features, features, dtype=dtype, device=chunks.device)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         part = gram[start:stop, :stop]
         if blocks == 1:
             torch.mm(chunks[0, start:stop], chunks[0, :stop].T, out=part)
         else:
             torch.sum(torch.bmm(chunks[:, start:stop], chunks[:, :stop].transpose(1, 2)), 0, dtype=dtype, out=part)
-    return gram, sums
+    return gram
 
 
 def first_shift(

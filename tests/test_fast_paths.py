@@ -37,6 +37,13 @@ def _rows(rng, n, d, mean_scale=0.0, scale=1.0):
     return rng.standard_normal((n, d)) @ mix + mean
 
 
+@pytest.fixture(params=gram.PRODUCTS.candidates)
+def product(request, monkeypatch):
+    """Force one Gram product for the whole test: every candidate must meet SPEC §4 on its own."""
+    monkeypatch.setenv(gram.PRODUCTS.env, request.param)
+    return request.param
+
+
 def _accumulate(parts, **kwargs):
     acc = TorchCovarianceMatrix(**kwargs)
     for part in parts:
@@ -49,7 +56,7 @@ def _accumulate(parts, **kwargs):
 
 @pytest.mark.parametrize("d", [16, 32, 40, 72, 136, 520])
 @pytest.mark.parametrize("mean_scale", [0.0, 1e4])
-def test_float32_products_every_block_split(d, mean_scale):
+def test_float32_products_every_block_split(d, mean_scale, product):
     # 16..520 features cover one block, two, four (72: boundaries off multiples of 16)
     # and eight; 9000 rows make two row blocks of the product.
     rng = np.random.default_rng(d)
@@ -71,7 +78,7 @@ def test_many_rows_few_features_keep_their_digits():
         assert rel_err(acc.fix().numpy(), np_cov(rows)) < TOL, (d, n)
 
 
-def test_rounding_does_not_grow_with_the_batch():
+def test_rounding_does_not_grow_with_the_batch(product):
     # One batch of 600k rows: a single float32 product over all of them would drift
     # towards SPEC's limit. Products over row blocks summed in float64 keep the error of
     # one block, whatever the machine's kernels make that error: the reference is the
@@ -86,7 +93,7 @@ def test_rounding_does_not_grow_with_the_batch():
     assert error <= 2 * one_block, (error, one_block)
 
 
-def test_many_batches_with_a_drifting_mean():
+def test_many_batches_with_a_drifting_mean(product):
     # 40 batches: the shift moves every few batches while the mean walks by 30 std.
     rng = np.random.default_rng(2)
     parts = [_rows(rng, 300, 48, 1e4).astype(np.float32) + np.float32(0.75 * i) for i in range(40)]
@@ -105,7 +112,7 @@ def test_float64_inputs_and_float64_products_are_exact():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs(dtype):
+def test_half_precision_inputs(dtype, product):
     rng = np.random.default_rng(4)
     rows = torch.from_numpy(_rows(rng, 3000, 36, 2.0).astype(np.float32)).to(dtype)
     acc = _accumulate(rows.split(700))
@@ -115,7 +122,7 @@ def test_half_precision_inputs(dtype):
 # ------------------------------------------------------------------ layouts
 
 
-def test_channels_first_maps_without_reshaping():
+def test_channels_first_maps_without_reshaping(product):
     rng = np.random.default_rng(5)
     maps = [torch.from_numpy(_rows(rng, 6 * 40, 20 * 33, 1e4).astype(np.float32)).view(6, 40, 20, 33) for _ in range(3)]
     acc = TorchCovarianceMatrix()
@@ -125,7 +132,7 @@ def test_channels_first_maps_without_reshaping():
     assert rel_err(acc.fix().numpy(), reference) < TOL
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(product):
     rng = np.random.default_rng(6)
     base = torch.from_numpy(_rows(rng, 2400, 96, 1e4).astype(np.float32))
     views = [
@@ -138,7 +145,7 @@ def test_non_contiguous_inputs():
     assert rel_err(acc.fix().numpy(), reference) < TOL
 
 
-def test_uneven_row_blocks_and_feature_counts():
+def test_uneven_row_blocks_and_feature_counts(product):
     # Row counts that do not divide into blocks are padded with zero rows internally.
     rng = np.random.default_rng(7)
     parts = [torch.from_numpy(_rows(rng, n, 33, 50.0).astype(np.float32)) for n in (1, 8193, 17001, 5)]
@@ -151,7 +158,7 @@ def test_uneven_row_blocks_and_feature_counts():
 
 
 @pytest.mark.parametrize("d", [64, 520])
-def test_non_finite_batch_among_float32_batches_is_skipped(d):
+def test_non_finite_batch_among_float32_batches_is_skipped(d, product):
     rng = np.random.default_rng(8)
     parts = [_rows(rng, 500, d, 1e4).astype(np.float32) for _ in range(11)]
     bad = parts[4].copy()
@@ -198,6 +205,8 @@ def test_merge_and_state_assignment_round_trip():
 def test_update_reads_no_tensor_value_on_the_host(monkeypatch):
     # On a GPU, any .item()/bool()/int() of a device tensor inside the hook would stall
     # the training loop. Python-level reads are refused here while batches are added.
+    # The one read the CPU allows itself (the scale, free there) is switched to what a
+    # GPU does.
     acc = TorchCovarianceMatrix()
     rows = torch.randn(4000, 70)
     acc.update(rows[:100])  # the first batch allocates; it may read shapes only either way
@@ -206,11 +215,26 @@ def test_update_reads_no_tensor_value_on_the_host(monkeypatch):
         raise AssertionError("a tensor value was read on the host during update")
 
     with monkeypatch.context() as patch:
+        patch.setattr(gram, "host_factor", lambda scale: None)
         for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
             patch.setattr(torch.Tensor, name, refuse)
         for i in range(1, 40):
             acc.update_rows(rows[i * 100 : (i + 1) * 100].view(10, 10, 70))
     assert rel_err(acc.fix().numpy(), np_cov(rows.double().numpy())) < TOL
+
+
+@pytest.mark.parametrize("exponent", [-70, 0, 70])
+def test_the_cpu_and_gpu_centred_copies_agree_to_the_bit(monkeypatch, exponent):
+    # The CPU reads the power-of-two scale and multiplies by a Python number; a GPU
+    # keeps it on the device. Both round (x − s)·c once, so the state is the same.
+    rng = np.random.default_rng(5)
+    rows = torch.from_numpy(_rows(rng, 3000, 40, mean_scale=1e4, scale=2.0**exponent).astype(np.float32))
+    monkeypatch.setenv(gram.PRODUCTS.env, "full")  # the same product both times
+    on_cpu = _accumulate(rows.split(600))
+    monkeypatch.setattr(gram, "host_factor", lambda scale: None)
+    like_gpu = _accumulate(rows.split(600))
+    assert torch.equal(on_cpu.scatter, like_gpu.scatter)
+    assert rel_err(on_cpu.fix().numpy(), np_cov(rows.double().numpy())) < TOL
 
 
 def test_update_rows_input_rules():

@@ -1,0 +1,286 @@
+"""Kernels chosen by timing: the choice logic with injected timings, and every candidate against numpy.
+
+No test here depends on how fast anything really is: the clock is scripted, so that
+a machine where the full Gram product wins and one where the block triangle wins are
+both exercised wherever the suite runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import delve.eigen as eigen
+import delve.gram as gram
+from delve import CheckLayerSat, TorchCovarianceMatrix
+from delve.autotune import Autotuner
+from tests.reference import OutputCapture, np_cov, np_stats, rel_err
+
+TOL = 1e-6
+
+
+class ScriptedClock:
+    """A clock that advances only when a candidate runs, by the time scripted for it."""
+
+    def __init__(self, costs):
+        self.costs = dict(costs)
+        self.now = 0.0
+        self.runs = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, name: str) -> str:
+        self.runs.append(name)
+        self.now += self.costs[name]
+        return name
+
+
+def _tuner(clock, trials=2) -> Autotuner:
+    return Autotuner("test kernel", ("a", "b", "c"), env="DELVE_TEST_KERNEL", trials=trials, clock=clock)
+
+
+# ------------------------------------------------------------------ the choice itself
+
+
+def test_candidates_are_timed_in_turn_and_the_fastest_is_kept():
+    clock = ScriptedClock({"a": 3.0, "b": 1.0, "c": 2.0})
+    tuner = _tuner(clock)
+    results = [tuner.run("sig", ("a", "b", "c"), clock.run) for _ in range(10)]
+    # Round robin while tuning (each call's own result is returned), then only the fastest.
+    assert clock.runs[:6] == ["a", "b", "c", "a", "b", "c"]
+    assert results == clock.runs
+    assert clock.runs[6:] == ["b"] * 4
+    decision = tuner.decision("sig")
+    assert decision.choice == "b" and decision.reason == "fastest"
+    assert decision.seconds == {"a": 3.0, "b": 1.0, "c": 2.0}
+
+
+def test_the_best_of_the_trials_counts_and_ties_go_to_the_first_candidate():
+    timings = iter([5.0, 1.0, 1.0, 5.0])  # a: 5 then 1, b: 1 then 5: both best 1
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+
+    def call(name):
+        clock.now += next(timings)
+        return name
+
+    tuner = Autotuner("test kernel", ("a", "b"), env="DELVE_TEST_KERNEL", trials=2, clock=clock)
+    for _ in range(4):
+        tuner.run("sig", ("a", "b"), call)
+    assert tuner.decision("sig").choice == "a"
+
+
+def test_each_signature_is_tuned_on_its_own():
+    clock = ScriptedClock({"a": 1.0, "b": 2.0, "c": 3.0})
+    tuner = _tuner(clock, trials=1)
+    for _ in range(3):
+        tuner.run("small", ("a", "b"), clock.run)
+    clock.costs = {"a": 9.0, "b": 2.0, "c": 3.0}
+    for _ in range(3):
+        tuner.run("large", ("a", "b"), clock.run)
+    assert tuner.decision("small").choice == "a"
+    assert tuner.decision("large").choice == "b"
+    assert set(tuner.decisions()) == {"small", "large"}
+
+
+def test_a_single_candidate_is_not_timed():
+    def clock():
+        raise AssertionError("nothing to choose: the clock must not be read")
+
+    tuner = _tuner(clock)
+    synced = []
+    assert tuner.run("sig", ("c",), lambda name: name, sync=lambda: synced.append(1)) == "c"
+    assert tuner.decision("sig").reason == "only candidate"
+    assert synced == []
+
+
+def test_the_device_is_waited_for_only_while_tuning():
+    clock = ScriptedClock({"a": 1.0, "b": 2.0, "c": 3.0})
+    tuner = _tuner(clock, trials=1)
+    synced = []
+    for _ in range(5):
+        tuner.run("sig", ("a", "b"), clock.run, sync=lambda: synced.append(1))
+    assert len(synced) == 4  # before and after each of the two timed calls
+
+
+def test_the_environment_forces_a_candidate_and_a_bad_value_names_the_valid_ones(monkeypatch):
+    clock = ScriptedClock({"a": 1.0, "b": 2.0, "c": 3.0})
+    tuner = _tuner(clock)
+    monkeypatch.setenv("DELVE_TEST_KERNEL", "c")
+    assert [tuner.run("sig", ("a", "b"), clock.run) for _ in range(3)] == ["c"] * 3
+    assert tuner.decision("sig").reason == "forced by DELVE_TEST_KERNEL"
+    monkeypatch.setenv("DELVE_TEST_KERNEL", "fastest")
+    with pytest.raises(ValueError, match=r"DELVE_TEST_KERNEL='fastest'.*valid: a, b, c"):
+        tuner.run("sig", ("a", "b"), clock.run)
+
+
+def test_the_decision_is_logged_at_debug(caplog):
+    clock = ScriptedClock({"a": 2e-3, "b": 1e-3, "c": 3.0})
+    tuner = _tuner(clock, trials=1)
+    with caplog.at_level(logging.DEBUG, logger="delve"):
+        for _ in range(2):
+            tuner.run(("rows", 64), ("a", "b"), clock.run)
+    records = [r for r in caplog.records if r.levelno == logging.DEBUG and "test kernel" in r.getMessage()]
+    assert len(records) == 1
+    assert "b (fastest: a 2 ms, b 1 ms)" in records[0].getMessage()
+
+
+# ------------------------------------------------------------------ the Gram products
+
+
+@pytest.fixture
+def fresh_products(monkeypatch):
+    """The process's product choice, emptied before and after the test (later batches tune again)."""
+    monkeypatch.delenv(gram.PRODUCTS.env, raising=False)
+    gram.PRODUCTS.forget()
+    yield gram.PRODUCTS
+    gram.PRODUCTS.forget()
+
+
+@pytest.mark.parametrize("faster", ["full", "triangle"])
+def test_each_machine_kind_gets_its_faster_product_and_numpy_accuracy(monkeypatch, fresh_products, faster):
+    # Where one large product runs at full speed (full wins) and where it does not (the
+    # triangle's fewer multiply-adds win): scripted, so both happen on any machine.
+    clock = ScriptedClock({faster: 1.0, ("triangle" if faster == "full" else "full"): 1.5})
+    monkeypatch.setattr(fresh_products, "clock", clock)
+    for name, real in (("full", gram._full), ("triangle", gram._triangle)):
+        monkeypatch.setattr(gram, f"_{name}", lambda *args, name=name, real=real: (clock.run(name), real(*args))[1])
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.5, 2.0, 96)
+    parts = [(rng.standard_normal((1500, 96)) * std + 1e4 * std).astype(np.float32) for _ in range(8)]
+    acc = TorchCovarianceMatrix()
+    for part in parts:
+        acc.update(torch.from_numpy(part))
+    assert clock.runs[:4] == ["full", "triangle", "full", "triangle"]
+    assert clock.runs[4:] == [faster] * 4
+    signature = gram.product_signature(torch.from_numpy(parts[0]), torch.float32)
+    decision = gram.product_decision(signature)
+    assert decision.choice == faster and decision.reason == "fastest"
+    assert rel_err(acc.fix().numpy(), np_cov(np.concatenate(parts))) < TOL
+
+
+def test_small_products_are_not_split_and_not_timed(fresh_products, monkeypatch):
+    monkeypatch.setattr(fresh_products, "clock", lambda: pytest.fail("a product this small is not timed"))
+    acc = TorchCovarianceMatrix()
+    rows = torch.randn(100, 24)
+    acc.update(rows)
+    decision = gram.product_decision(gram.product_signature(rows, torch.float32))
+    assert decision.choice == "full" and decision.reason == "only candidate"
+
+
+def test_signatures_group_row_counts_by_powers_of_two():
+    sig = gram.product_signature
+    assert sig(torch.empty(300, 64), torch.float32) == sig(torch.empty(512, 64), torch.float32)
+    assert sig(torch.empty(513, 64), torch.float32) != sig(torch.empty(512, 64), torch.float32)
+    assert sig(torch.empty(8, 3, 64).movedim(1, -1), torch.float32)[2] == "features"
+    assert sig(torch.empty(512, 64), torch.float32) != sig(torch.empty(512, 64), torch.float64)
+
+
+def test_forcing_a_product_with_the_environment(fresh_products, monkeypatch):
+    monkeypatch.setenv("DELVE_GRAM_PRODUCT", "triangle")
+    monkeypatch.setattr(fresh_products, "clock", lambda: pytest.fail("a forced product is not timed"))
+    rows = torch.randn(3000, 200)
+    acc = TorchCovarianceMatrix()
+    acc.update(rows)
+    decision = gram.product_decision(gram.product_signature(rows, torch.float32))
+    assert decision.choice == "triangle" and decision.reason == "forced by DELVE_GRAM_PRODUCT"
+    assert rel_err(acc.fix().numpy(), np_cov(rows.double().numpy())) < TOL
+    monkeypatch.setenv("DELVE_GRAM_PRODUCT", "blocked")
+    with pytest.raises(ValueError, match="DELVE_GRAM_PRODUCT='blocked'.*valid: full, triangle"):
+        acc.update(rows)
+
+
+# ------------------------------------------------------------------ the epoch-end eigensolvers
+
+
+def _covariances(rng, sizes):
+    out = {}
+    for i, d in enumerate(sizes):
+        a = rng.standard_normal((3 * d, d)) * rng.uniform(0.1, 3.0, d)
+        out[f"layer{i}"] = torch.from_numpy(np_cov(a))
+    return out
+
+
+@pytest.mark.parametrize("schedule", eigen.SCHEDULES.candidates)
+def test_both_eigensolver_schedules_match_numpy(monkeypatch, schedule):
+    monkeypatch.setenv(eigen.SCHEDULES.env, schedule)
+    threads = torch.get_num_threads()
+    covs = _covariances(np.random.default_rng(1), [40, 7, 65, 40])
+    jobs = {name: (cov, name == "layer2") for name, cov in covs.items()}
+    results = eigen.decompose_all(jobs)
+    assert torch.get_num_threads() == threads  # the caller's thread count is left alone
+    for name, cov in covs.items():
+        values, vectors = results[name]
+        np.testing.assert_allclose(values.numpy(), np.linalg.eigvalsh(cov.numpy()), rtol=1e-10, atol=1e-12)
+        if name == "layer2":
+            residual = cov @ vectors - vectors * values
+            assert float(residual.abs().max()) < 1e-10
+        else:
+            assert vectors is None
+
+
+@pytest.mark.parametrize("schedule", eigen.SCHEDULES.candidates)
+def test_a_failing_solver_costs_only_its_own_layer(monkeypatch, schedule):
+    monkeypatch.setenv(eigen.SCHEDULES.env, schedule)
+    covs = _covariances(np.random.default_rng(2), [20, 30])
+    real = torch.linalg.eigvalsh
+
+    def flaky(cov):
+        if cov.shape[0] == 30:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(cov)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", flaky)
+    results = eigen.decompose_all({name: (cov, False) for name, cov in covs.items()})
+    assert isinstance(results["layer1"], torch.linalg.LinAlgError)
+    np.testing.assert_allclose(results["layer0"][0].numpy(), np.linalg.eigvalsh(covs["layer0"].numpy()), rtol=1e-10)
+
+
+def test_the_faster_schedule_is_kept(monkeypatch):
+    monkeypatch.delenv(eigen.SCHEDULES.env, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two schedules to choose from on any machine
+    tuner = Autotuner("eigensolver schedule", eigen.SCHEDULES.candidates, env=eigen.SCHEDULES.env, trials=1)
+    clock = ScriptedClock({"sequential": 2.0, "parallel": 1.0})
+    tuner.clock = clock
+    monkeypatch.setattr(eigen, "SCHEDULES", tuner)
+    real_run = tuner.run
+
+    def run(signature, allowed, call, sync=lambda: None):
+        return real_run(signature, allowed, lambda name: (clock.run(name), call(name))[1], sync)
+
+    monkeypatch.setattr(tuner, "run", run)
+    covs = _covariances(np.random.default_rng(3), [16, 24])
+    for _ in range(4):
+        eigen.decompose_all({name: (cov, False) for name, cov in covs.items()})
+    assert clock.runs == ["sequential", "parallel", "parallel", "parallel"]
+
+
+@pytest.mark.parametrize("schedule", eigen.SCHEDULES.candidates)
+def test_tracker_statistics_under_each_schedule_match_numpy(monkeypatch, schedule):
+    monkeypatch.setenv(eigen.SCHEDULES.env, schedule)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 30), nn.Tanh(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 9))
+    tracker = CheckLayerSat("unused", "csv", model, stats=["lsat", "idim", "det"], nosave=True)
+    capture = OutputCapture(tracker.layers)
+    with torch.no_grad():
+        for _ in range(6):
+            model(torch.randn(50, 12) * 3)
+    values = tracker.add_saturations()
+    for name in tracker.layers:
+        expected = np_stats(np.concatenate(capture.take(name, "train")))
+        assert values[f"train-intrinsic-dimensionality_{name}"] == expected["idim"]
+        assert values[f"train-saturation_{name}"] == pytest.approx(expected["lsat"])
+        assert values[f"train-covariance-determinant_{name}"] == pytest.approx(expected["det"], rel=1e-6)
+    capture.remove()
+    tracker.close()
