@@ -39,8 +39,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
+from machine import cpu_name  # noqa: E402
+
 from delve import (
     CheckLayerSat,  # noqa: E402
+    eigen,  # noqa: E402
     gram,  # noqa: E402
 )
 from delve.layers import to_data_matrix  # noqa: E402
@@ -218,6 +221,19 @@ def _accumulators(tracker: CheckLayerSat):
     return [tracker.accumulator(name, mode) for name in tracker.layers for mode in tracker.config.modes]
 
 
+def _products(tracker: CheckLayerSat) -> Dict[str, str]:
+    """Return, per tracked layer, the Gram product its batches use and why (the times that decided it)."""
+    out = {}
+    for name in tracker.layers:
+        acc = tracker.accumulator(name, tracker.config.modes[0])
+        signature = acc.product_signature
+        decision = None if signature is None else gram.product_decision(signature)
+        rows, features, layout = signature[:3] if signature else ("?", "?", "?")
+        where = f"{rows} rows x {features}, {layout}-major"
+        out[name] = f"{where}: {decision if decision is not None else 'still being timed'}"
+    return out
+
+
 def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: int, epoch_repeats: int) -> Dict:
     """Benchmark one model; return a dict of the measured quantities (seconds, bytes)."""
     gram.release_workspace()  # the workspace is per process: count this case's only
@@ -270,8 +286,15 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
     # Covariances of the real activations, for the eigh reference.
     covariances = [acc.fix() for acc in _accumulators(tracker) if acc.dim is not None]
     tracker.add_saturations()
+    # The eigensolver schedule is timed on the first epoch ends: run them before timing
+    # one, so the figures are those of a long run.
+    wide = max(c.shape[0] for c in covariances) > 1024
+    for _ in range(0 if wide else 4):
+        with torch.no_grad():
+            tracked_model(x)
+        tracker.add_saturations()
     matrices = _data_matrices(tracked_model, tracker, x)
-    if max(c.shape[0] for c in covariances) > 1024:
+    if wide:
         epoch_repeats = 1  # two eigh of a 3072-wide covariance take most of a minute on two cores
 
     peak: Dict[str, int] = {}
@@ -304,6 +327,12 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         if r >= rounds - epoch_repeats:
             times["epoch"].append(_timed(lambda: tracker.add_saturations(), device))
             times["eigh"].append(_timed(lambda: _eigh_pass(covariances), device))
+    products = _products(tracker)
+    workspace = gram.workspace_bytes() if device.type == "cpu" else 0
+    widths = {c.shape[0] for c in covariances}
+    schedules = {
+        sig: repr(d) for sig, d in eigen.SCHEDULES.decisions().items() if {w for w, _ in sig[0]} <= widths
+    }
     tracker.close()
     Recorder.record = record if device.type == "cpu" else Recorder.record
 
@@ -335,8 +364,10 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         accumulator_bytes=_tracker_bytes(tracker),
         # While a batch is merged: its Gram matrix (float64 once summed over row blocks).
         transient_bytes=8 * max(c.shape[0] for c in covariances) ** 2,
-        workspace_bytes=gram.workspace_bytes() if device.type == "cpu" else 0,
+        workspace_bytes=workspace,
         steps_per_kind=len(times["plain"]),
+        products=products,
+        eigen_schedules=[f"{list(sig[0])}: {decision}" for sig, decision in schedules.items()],
     )
     if device.type == "cuda":
         result["peak_growth_bytes"] = peak["tracked"] - peak["plain"]
@@ -348,20 +379,11 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
 
 def machine(device: torch.device) -> Dict:
     """Describe where the numbers were taken."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     out = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         python=platform.python_version(),
         torch=torch.__version__,
-        cpu=cpu,
+        cpu=cpu_name(),
         cores=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         device=str(device),
@@ -409,6 +431,11 @@ def print_report(info: Dict, results: List[Dict]) -> None:
             f"  epoch end            {r['epoch_end_s'] * 1e3:9.2f} ms   vs two eigh per layer "
             f"{r['two_eigh_s'] * 1e3:.2f} ms  (ratio {r['epoch_over_two_eigh']:.2f})"
         )
+        print("  Gram product per layer (rows rounded up to a power of two):")
+        for layer, product in r["products"].items():
+            print(f"    {layer:28s} {product}")
+        for schedule in r["eigen_schedules"]:
+            print(f"  eigensolver schedule for widths {schedule}")
         line = f"  tracker memory       {_mib(r['accumulator_bytes'])} accumulators"
         line += f" + {_mib(r['workspace_bytes'])} shared workspace + {_mib(r['transient_bytes'])} per batch"
         if "peak_growth_bytes" in r:
@@ -422,7 +449,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="cnn,transformer,lstm", help="comma-separated: cnn, transformer, lstm")
     parser.add_argument("--rounds", type=int, default=8, help="alternations of untracked and tracked blocks")
     parser.add_argument("--block", type=int, default=4, help="steps per block")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
+    parser.add_argument(
+        "--warmup", type=int, default=6, help="untimed steps of each kind first (the Gram products are timed in them)"
+    )
     parser.add_argument("--epoch-repeats", type=int, default=3, help="rounds that also time an epoch end")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

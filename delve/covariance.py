@@ -118,6 +118,8 @@ class TorchCovarianceMatrix:
         self._scale: Optional[torch.Tensor] = None
         self._fresh = True  # no row merged since the last reset: a batch picks the shift
         self._since_shift = 0  # batches added since the shift last moved
+        #: What the last batch's product depended on (see :func:`delve.gram.product_decision`).
+        self.product_signature: Optional[Tuple] = None
 
     # ------------------------------------------------------------------ state
     # n, mean, scatter and skipped are the public state, derived from n, s, t and S;
@@ -279,6 +281,7 @@ class TorchCovarianceMatrix:
         if self._shift is None or self._shift.dtype != work or self._since_shift >= _SHIFT_EVERY:
             self._recentre(x, work, valid)
         bounds = products.block_bounds(self._dim)
+        self.product_signature = products.product_signature(x, work)
         with FULL_PRECISION:
             gram, sums = products.centred_gram(x, self._shift, work, bounds, self._scale, valid)
         rows = x.numel() // x.shape[-1] if valid is None else valid.sum()

@@ -80,9 +80,11 @@ def decompose_all(jobs: Mapping[K, Tuple[torch.Tensor, bool]]) -> Dict[K, Union[
 
     """
     keys = list(jobs)
+    if not keys:
+        return {}
     threads = torch.get_num_threads()
     on_cpu = all(jobs[key][0].device.type == "cpu" for key in keys)
-    allowed = ("sequential", "parallel") if on_cpu and threads > 1 and keys else ("sequential",)
+    allowed = ("sequential", "parallel") if on_cpu and threads > 1 else ("sequential",)
     # Larger problems first, so that no worker is left with the largest at the end.
     keys.sort(key=lambda key: -jobs[key][0].shape[0])
 
