@@ -3,9 +3,10 @@
 A hook receives a layer's output, its :class:`~delve.layers.LayerType` turns it into rows
 (a view where it can), and the layer's :class:`~delve.covariance.TorchCovarianceMatrix`
 for the current mode (``train`` / ``eval``, from the layer's ``training`` flag) merges
-them. Counting, ``log_interval``, ``max_samples``, the row mask and the rows kept for
-``embed`` happen here too; nothing in a hook stops training for a reason it can recover
-from, and nothing in it waits for the device.
+them. Counting, ``log_interval``, ``max_samples``, the row mask, the draw of
+``rows_per_batch`` and the rows kept for ``embed`` happen here too; nothing in a
+hook stops training for a reason it can recover from, and nothing in it waits for
+the device.
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ import torch
 from torch import nn
 
 from delve._runtime import in_backward, run_eagerly
-from delve.activations import Rows, first_rows
+from delve.activations import Rows, draw_rows, first_rows
 from delve.config import TrackerConfig
 from delve.covariance import TorchCovarianceMatrix, covariance_bytes
 from delve.layers import LayerType, feature_width, layer_rows, layer_type
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EMBED_SAMPLES", "EmbedSamples", "LayerRecord", "Recorder", "check_memory"]
+__all__ = ["EMBED_SAMPLES", "ROW_DRAW_SEED", "EmbedSamples", "LayerRecord", "Recorder", "check_memory"]
 
 #: The most samples an epoch keeps per layer and mode for ``embed``.
 EMBED_SAMPLES = 1000
+#: Seed of the tracker's own generators for ``rows_per_batch`` (offset by device index and rank).
+ROW_DRAW_SEED = 20261202
 
 
 def _human_bytes(count: int) -> str:
@@ -185,6 +188,12 @@ def _combined(row_mask: Optional[torch.Tensor], own: Optional[torch.Tensor]) -> 
     return row_mask & own.to(row_mask.device)
 
 
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
 class Recorder:
     """Hooks on the tracked layers and the per-layer, per-mode records they fill.
 
@@ -226,6 +235,10 @@ class Recorder:
             for mode in config.modes
         }
         self.called: Set[Tuple[str, str]] = set()  # (layer, mode) of the hooks that ran this epoch
+        # rows_per_batch draws from these, never from the global stream: training with and
+        # without the tracker consumes the same random numbers.
+        self._generators: Dict[torch.device, torch.Generator] = {}
+        self._generators_lock = threading.Lock()
         self._warned: Set[tuple] = set()
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
 
@@ -302,11 +315,34 @@ class Recorder:
     ) -> Optional[Rows]:
         try:
             with torch.no_grad():
-                return layer_rows(kind, module, output, self.options, limit, mask)
+                rows = layer_rows(kind, module, output, self.options, limit, mask)
+                count = self.config.rows_per_batch
+                if count is None:
+                    return rows
+                return draw_rows(rows, count, self.generator(rows.data.device))
         except Exception:  # a layer whose output we cannot read must not stop training
             if self.first_time("unreadable", name):
                 logger.exception("layer %s: cannot make a data matrix from its output; it is skipped", name)
             return None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """Return the tracker's generator for ``device`` (made at first use, with a fixed seed).
+
+        Each device (and each rank of a distributed run) gets its own seed, so replicas do
+        not draw the same positions of their batches. A device without generators of its
+        own gets a CPU one (its keys are then copied over).
+        """
+        with self._generators_lock:  # nn.DataParallel replicas ask from their threads
+            generator = self._generators.get(device)
+            if generator is None:
+                seed = ROW_DRAW_SEED + 1000 * _rank() + (device.index or 0)
+                try:
+                    generator = torch.Generator(device=device)
+                except RuntimeError:
+                    generator = torch.Generator()
+                generator.manual_seed(seed)
+                self._generators[device] = generator
+            return generator
 
     def _accepts(self, name: str, accumulator: TorchCovarianceMatrix, x: torch.Tensor) -> bool:
         width = x.shape[-1]
