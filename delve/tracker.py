@@ -133,7 +133,10 @@ class CheckLayerSat:
         rows per batch makes them cheap while the epoch's covariance still sees rows
         of every batch. The draw uses the tracker's own seeded generators, never the
         global random stream. ``max_samples`` still counts samples of the batch
-        dimension: the rows are drawn from the samples it lets through.
+        dimension: the rows are drawn from the samples it lets through. Draws smaller
+        than a quarter of a layer's width are held back and merged together once they
+        reach it (merging costs O(width²) whatever the rows), so a NaN or Inf in one
+        batch skips the rows merged with it too.
 
     Attributes
     ----------
@@ -325,6 +328,7 @@ class CheckLayerSat:
             :class:`~delve.keys.Key` strings.
 
         """
+        self._recorder.flush()
         records = self._recorder.records
         merged = distributed.synchronize({key: record.accumulator for key, record in records.items()})
         if self._recorder.recording:

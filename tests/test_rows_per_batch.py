@@ -133,40 +133,48 @@ def test_the_same_seed_draws_the_same_rows():
 
 # ------------------------------------------------------------------ through the tracker
 class Spy:
-    """Keeps, in numpy float64, the rows (and their flags) every accumulator is handed."""
+    """Keeps, in numpy float64, the real rows every accumulator is handed."""
 
     def __init__(self, monkeypatch):
-        self.batches = {}
+        self.handed = {}
         original = TorchCovarianceMatrix.update_rows
 
         def update_rows(accumulator, x, valid=None):
             rows = x.detach().double().reshape(-1, x.shape[-1]).numpy()
             flags = np.ones(len(rows), bool) if valid is None else valid.reshape(-1).numpy()
-            self.batches.setdefault(id(accumulator), []).append((rows, flags))
+            self.handed.setdefault(id(accumulator), []).append((rows, flags))
             return original(accumulator, x, valid)
 
         monkeypatch.setattr(TorchCovarianceMatrix, "update_rows", update_rows)
 
+    def merges(self, accumulator):
+        """The ``(rows, flags)`` of every merge into ``accumulator``."""
+        return self.handed.get(id(accumulator), [])
+
     def rows(self, accumulator):
-        """The real rows handed to ``accumulator``, batch by batch."""
-        return [rows[flags] for rows, flags in self.batches.get(id(accumulator), [])]
+        """Every real row handed to ``accumulator``."""
+        return np.concatenate([rows[flags] for rows, flags in self.merges(accumulator)])
 
 
-def assert_distinct_rows_of(drawn, population):
-    """Every drawn row is a different row of ``population`` (float rows of random data are unique)."""
-    matches = [np.flatnonzero((population == row).all(1)) for row in drawn]
-    assert all(len(found) == 1 for found in matches)
-    assert len({int(found[0]) for found in matches}) == len(drawn)
+def rows_per_output(rows, outputs):
+    """How many of ``rows`` are rows of each output: each must be a distinct row of exactly one of them."""
+    population = np.concatenate(outputs)
+    owner = np.repeat(np.arange(len(outputs)), [len(out) for out in outputs])
+    matches = [np.flatnonzero((population == row).all(1)) for row in rows]
+    assert all(len(found) == 1 for found in matches)  # float rows of random data are unique
+    index = [int(found[0]) for found in matches]
+    assert len(set(index)) == len(rows)
+    return np.bincount(owner[index], minlength=len(outputs)).tolist()
 
 
 class Layers(nn.Module):
     """A Linear on (B, F), a channelwise Conv2d on (B, C, H, W), a time-major timestepwise LSTM."""
 
-    def __init__(self):
+    def __init__(self, width):
         super().__init__()
-        self.fc = nn.Linear(6, 5)
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.lstm = nn.LSTM(4, 6)
+        self.fc = nn.Linear(6, width)
+        self.conv = nn.Conv2d(3, width, 3)
+        self.lstm = nn.LSTM(4, width)
 
     def forward(self, flat, image, sequence):
         return self.fc(flat), self.conv(image), self.lstm(sequence)
@@ -192,32 +200,46 @@ def reference_rows(name, output):
 ROWS_PER_CALL = {"fc": 24, "conv": 32, "lstm": 21}
 
 
-@pytest.mark.parametrize("k", [1, 5, 20])
-def test_the_covariance_is_that_of_k_distinct_rows_of_every_batch(monkeypatch, k):
+def expected_merges(batches, k, enough):
+    """The rows of each merge: a draw of ``enough`` rows or more at once, smaller ones once ``enough`` are held."""
+    if k >= enough:
+        return [k] * batches
+    merges, held = [], 0
+    for _ in range(batches):
+        held += k
+        if held >= enough:
+            merges.append(held)
+            held = 0
+    return merges + ([held] if held else [])
+
+
+# Width 5: every draw is merged at once. Width 40: draws under 10 rows are held back
+# and merged in chunks of at least 10, the last one when the accumulator is read.
+@pytest.mark.parametrize("width, k", [(5, 1), (5, 20), (40, 1), (40, 3), (40, 12)])
+def test_the_covariance_is_that_of_k_distinct_rows_of_every_batch(monkeypatch, width, k):
     spy = Spy(monkeypatch)
     torch.manual_seed(0)
-    model = Layers()
+    model = Layers(width)
     tracker = CheckLayerSat(
         "unused", "csv", model, stats=["cov"], nosave=True, timeseries_method="timestepwise", rows_per_batch=k
     )
     capture = OutputCapture(dict(tracker.layers))
     generator = torch.Generator().manual_seed(1)
-    for _ in range(3):
+    for _ in range(5):
         model(*layer_inputs(generator))
     for name in ("fc", "conv", "lstm"):
-        accumulator = tracker.accumulator(name)
-        batches = spy.rows(accumulator)
-        assert [len(rows) for rows in batches] == [k] * 3
-        assert accumulator.count == 3 * k
-        for drawn, output in zip(batches, capture.take(name, "train")):
-            assert_distinct_rows_of(drawn, reference_rows(name, output))
-        assert rel_err(accumulator.fix().numpy(), np_cov(np.concatenate(batches))) <= TOL
+        accumulator = tracker.accumulator(name)  # merges what is held back
+        outputs = [reference_rows(name, out) for out in capture.take(name, "train")]
+        assert rows_per_output(spy.rows(accumulator), outputs) == [k] * 5
+        assert accumulator.count == 5 * k
+        assert [len(rows) for rows, _ in spy.merges(accumulator)] == expected_merges(5, k, width // 4)
+        assert rel_err(accumulator.fix().numpy(), np_cov(spy.rows(accumulator))) <= TOL
     tracker.close()
 
 
 def test_k_at_least_the_rows_of_a_batch_is_the_exact_covariance():
     torch.manual_seed(0)
-    model = Layers()
+    model = Layers(5)
     tracker = CheckLayerSat(
         "unused", "csv", model, stats=["cov"], nosave=True, timeseries_method="timestepwise",
         rows_per_batch=max(ROWS_PER_CALL.values()),
@@ -233,13 +255,15 @@ def test_k_at_least_the_rows_of_a_batch_is_the_exact_covariance():
     tracker.close()
 
 
-def test_under_a_row_mask_only_real_positions_are_drawn(monkeypatch):
+@pytest.mark.parametrize("width", [5, 40])
+def test_under_a_row_mask_only_real_positions_are_drawn(monkeypatch, width):
     spy = Spy(monkeypatch)
     torch.manual_seed(0)
-    model = nn.Linear(4, 5)
+    model = nn.Linear(4, width)
     tracker = CheckLayerSat(
         "unused", "csv", model, stats=["cov"], nosave=True, timeseries_method="timestepwise", rows_per_batch=6
     )
+    name = list(tracker.layers)[0]
     capture = OutputCapture(dict(tracker.layers))
     generator = torch.Generator().manual_seed(1)
     steps = torch.arange(8)
@@ -248,19 +272,19 @@ def test_under_a_row_mask_only_real_positions_are_drawn(monkeypatch):
     for mask in masks:
         with tracker.row_mask(mask):
             model(1.0 + torch.randn(3, 8, 4, generator=generator))
-    accumulator = tracker.accumulator(list(tracker.layers)[0])
-    handed = spy.batches[id(accumulator)]
-    assert all(flags.all() and len(rows) == 6 for rows, flags in handed)
-    for (drawn, _), output, mask in zip(handed, capture.take(list(tracker.layers)[0], "train"), masks):
-        assert_distinct_rows_of(drawn, output[mask.numpy()])
+    accumulator = tracker.accumulator(name)
+    assert all(flags.all() for _, flags in spy.merges(accumulator))
+    real = [out[mask.numpy()] for out, mask in zip(capture.take(name, "train"), masks)]
+    assert rows_per_output(spy.rows(accumulator), real) == [6, 6]
     assert accumulator.count == 12
-    assert rel_err(accumulator.fix().numpy(), np_cov(np.concatenate([rows for rows, _ in handed]))) <= TOL
+    assert rel_err(accumulator.fix().numpy(), np_cov(spy.rows(accumulator))) <= TOL
     tracker.close()
 
 
-def test_with_fewer_real_positions_than_k_all_of_them_count_and_nothing_else():
+@pytest.mark.parametrize("width", [5, 40])
+def test_with_fewer_real_positions_than_k_all_of_them_count_and_nothing_else(width):
     torch.manual_seed(0)
-    model = nn.Linear(4, 5)
+    model = nn.Linear(4, width)
     tracker = CheckLayerSat(
         "unused", "csv", model, stats=["cov"], nosave=True, timeseries_method="timestepwise", rows_per_batch=10
     )
@@ -274,6 +298,24 @@ def test_with_fewer_real_positions_than_k_all_of_them_count_and_nothing_else():
     real = np.concatenate([out[mask.numpy()] for out in capture.take(name, "train")])
     assert tracker.accumulator(name).count == len(real) == 14
     assert rel_err(tracker.accumulator(name).fix().numpy(), np_cov(real)) <= TOL
+    tracker.close()
+
+
+def test_rows_held_back_are_copies_and_enter_the_epoch_they_were_drawn_in():
+    # Draws of 2 rows of a 64-wide layer are held back until 16 are there; the in-place
+    # ReLU after the layer changes its output after the hook has seen it.
+    model = nn.Sequential(nn.Linear(3, 64), nn.ReLU(inplace=True))
+    tracker = CheckLayerSat("unused", "csv", model, stats=["cov"], nosave=True, rows_per_batch=2)
+    capture = OutputCapture(dict(tracker.layers))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model(torch.randn(2, 3, generator=generator))  # used whole
+    rows = np.concatenate(capture.take("0", "train"))
+    assert (rows < 0).any()
+    (cov,) = tracker.add_saturations().values()
+    assert rel_err(cov, np_cov(rows)) <= TOL
+    model(torch.randn(2, 3, generator=generator))
+    assert tracker.accumulator("0").count == 2  # a new epoch: nothing of the last one
     tracker.close()
 
 
@@ -292,6 +334,7 @@ def test_max_samples_counts_samples_of_the_batch_dimension_the_rows_are_drawn_fr
 def test_the_embedding_samples_are_the_drawn_rows():
     model = nn.Linear(4, 3)
     tracker = CheckLayerSat("unused", "csv", model, stats=["embed"], nosave=True, rows_per_batch=7)
+    # (3 features: draws are merged at once; the embedding rows are offered before any is held back)
     for _ in range(2):
         model(torch.randn(50, 4))
     _, samples = tracker.compute_statistics()
