@@ -444,6 +444,11 @@ def print_report(info: Dict, results: List[Dict]) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--sampling"]:  # the transformer's epoch under rows_per_batch / log_interval, its own options
+        from sampling import main as sampling_main
+
+        return sampling_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--cases", default="cnn,transformer,lstm", help="comma-separated: cnn, transformer, lstm")

@@ -21,6 +21,7 @@ The row mask
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Tuple
 
@@ -39,6 +40,7 @@ __all__ = [
     "conv_data_matrix",
     "conv_rows",
     "dense_rows",
+    "draw_rows",
     "first_rows",
     "recurrent_rows",
 ]
@@ -292,3 +294,48 @@ def first_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
         per_sample = max(1, rows[0].numel() // max(features, 1))
         rows = rows[: -(-count // per_sample)]
     return rows.reshape(-1, features)[:count].detach().to(torch.float32, copy=True)
+
+
+def draw_rows(rows: Rows, count: int, generator: torch.Generator) -> Rows:
+    """Keep ``count`` rows drawn uniformly without replacement, on the rows' device, without waiting for it.
+
+    Every row gets a random key and the ``count`` smallest keys win: a uniform draw of
+    a ``count``-subset. Under a row mask the padding's keys are pushed to infinity, so
+    the draw is among the real rows; when fewer real rows than ``count`` exist, all of
+    them are drawn, and the padding drawn with them stays marked in :attr:`Rows.valid`.
+    Nothing is counted on the host, so a GPU never waits.
+
+    Parameters
+    ----------
+    rows : Rows
+        What a rule made of one output; ``rows.data`` is ``(..., features)``.
+    count : int
+        The most rows to keep (``rows_per_batch``). Rows that are at most this many
+        are returned as they are, without a copy.
+    generator : torch.Generator
+        On ``rows.data``'s device (or on the CPU, whose keys are then copied there):
+        the draw never touches the global random stream.
+
+    Returns
+    -------
+    Rows
+        ``data`` of shape ``(count, features)``, the same ``samples``, and the drawn
+        rows' ``valid`` flags under a mask.
+
+    """
+    data = rows.data
+    leading = tuple(data.shape[:-1])
+    if math.prod(leading) <= count:
+        return rows
+    # float64 keys: float32 has 2**24 values, and ties at the boundary would favour low indices.
+    key_type = torch.float32 if data.device.type == "mps" else torch.float64
+    keys = torch.rand(math.prod(leading), generator=generator, device=generator.device, dtype=key_type)
+    keys = keys.to(data.device, non_blocking=True)
+    if rows.valid is not None:
+        keys = keys.masked_fill(~rows.valid.reshape(-1), math.inf)
+    drawn = torch.topk(keys, count, largest=False, sorted=False).indices
+    # Index the leading dimensions directly: flattening a view such as a channels-first
+    # map's (B, H, W, C) rows would copy the whole output.
+    index = torch.unravel_index(drawn, leading)
+    valid = None if rows.valid is None else rows.valid[index]
+    return Rows(data[index], rows.samples, valid)

@@ -115,6 +115,7 @@ class TrackerConfig:
     spectrum_k: int = 5
     float64_products: bool = False
     max_accumulator_bytes: int = DEFAULT_MAX_ACCUMULATOR_BYTES
+    rows_per_batch: Optional[int] = None
 
     def __post_init__(self) -> None:
         checked = {
@@ -135,6 +136,7 @@ class TrackerConfig:
             "layer_filter": check_callable("layer_filter", self.layer_filter, "(dict name -> module) -> dict"),
             "spectrum_k": check_int("spectrum_k", self.spectrum_k, 1),
             "max_accumulator_bytes": check_int("max_accumulator_bytes", self.max_accumulator_bytes, 1),
+            "rows_per_batch": check_int("rows_per_batch", self.rows_per_batch, 1, allow_none=True),
         }
         # "No downsampling" passed straight through from a config is fine while nothing interpolates.
         checked["interpolation_downsampling"] = check_int(

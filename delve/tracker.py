@@ -123,6 +123,20 @@ class CheckLayerSat:
         Compute batch Gram products in float64 instead of float32 on centred data.
     max_accumulator_bytes : int, default 4 GiB
         Refuse (with an explanation) to allocate a layer's accumulator above this size.
+    rows_per_batch : int, optional
+        At most this many rows of each recorded batch's data matrix enter the
+        covariance (and the ``embed`` samples), drawn uniformly without replacement on
+        the batch's device; under a :meth:`row_mask`, among the real rows. ``None``
+        (the default) takes every row: the covariance is exact. For wide layers fed
+        many rows per batch (a transformer's tokens, a convolution's positions) the
+        Gram products cost about as much as the layer itself; a draw of a few hundred
+        rows per batch makes them cheap while the epoch's covariance still sees rows
+        of every batch. The draw uses the tracker's own seeded generators, never the
+        global random stream. ``max_samples`` still counts samples of the batch
+        dimension: the rows are drawn from the samples it lets through. Draws smaller
+        than a quarter of a layer's width are held back and merged together once they
+        reach it (merging costs O(width²) whatever the rows), so a NaN or Inf in one
+        batch skips the rows merged with it too.
 
     Attributes
     ----------
@@ -165,6 +179,7 @@ class CheckLayerSat:
         spectrum_k: int = 5,
         float64_products: bool = False,
         max_accumulator_bytes: int = DEFAULT_MAX_ACCUMULATOR_BYTES,
+        rows_per_batch: Optional[int] = None,
     ):
         config = TrackerConfig(
             savefile=savefile,
@@ -191,6 +206,7 @@ class CheckLayerSat:
             spectrum_k=spectrum_k,
             float64_products=float64_products,
             max_accumulator_bytes=max_accumulator_bytes,
+            rows_per_batch=rows_per_batch,
         )
         self._setup(config, modules)
 
@@ -312,6 +328,7 @@ class CheckLayerSat:
             :class:`~delve.keys.Key` strings.
 
         """
+        self._recorder.flush()
         records = self._recorder.records
         merged = distributed.synchronize({key: record.accumulator for key, record in records.items()})
         if self._recorder.recording:

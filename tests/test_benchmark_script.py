@@ -81,3 +81,42 @@ def test_plots_json_times_every_writer_against_the_bar_charts_alone():
         for key in ("epoch_wall_s", "epoch_cpu_s", "median_epoch_wall_s", "run_wall_per_epoch_s"):
             assert math.isfinite(case[key]) and case[key] > 0, key
         assert math.isclose(case["ratio_cpu"], case["epoch_cpu_s"] / baseline["epoch_cpu_s"])
+
+
+def test_sampling_epoch_reports_every_setting_against_the_exact_run():
+    # Through overhead.py's --sampling, as the benchmark README runs it, on a tiny block.
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "overhead.py"), "--sampling", "--width", "32", "--hidden", "64",
+         "--heads", "4", "--batch", "2", "--steps", "16", "--batches", "8", "--warmup", "1", "--threads", "1",
+         "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["machine"]["cpu"] and report["machine"]["torch_threads"] == 1
+    assert report["settings"]["rows_per_batch_of_data"] == 32  # B·T rows: timestepwise
+    assert report["settings"]["timed_rounds"] == 7
+    assert report["identical_weights"]  # tracking changes no weight: the runs differ only in what they record
+    names = [run["name"] for run in report["runs"]]
+    assert names == ["untracked", "exact", "rows_per_batch=8 (rows/4)", "rows_per_batch=2 (rows/16)",
+                     "log_interval=4", "log_interval=16"]
+    untracked, exact, *others = report["runs"]
+    assert "layers" not in untracked and untracked["step_s"] > 0
+    layers = ["q", "k", "v", "out", "ffn1", "ffn2"]
+    widths = dict(q=32, k=32, v=32, out=32, ffn1=64, ffn2=32)
+    # Rows per layer over the 8 batches: all 32, 8 or 2 drawn of each, every 4th or 16th batch whole.
+    assert [run["rows_recorded"] for run in [exact] + others] == [256, 64, 16, 64, 0]
+    for run in [exact] + others[:3]:
+        assert list(run["layers"]) == layers
+        for layer, values in run["layers"].items():
+            assert values["lsat"] == values["idim"] / widths[layer]
+            for stat in ("lsat", "idim"):
+                assert run[f"delta_{stat}"][layer] == abs(values[stat] - exact["layers"][layer][stat])
+        assert run["epoch_end_s"] > 0 and math.isfinite(run["overhead"]) and run["hooks_s"] > 0
+    assert all(d == 0 for stat in ("lsat", "idim") for d in exact[f"delta_{stat}"].values())
+    # log_interval=16 recorded none of the 8 batches: no value, no difference (null in JSON).
+    assert all(v == {"lsat": None, "idim": None} for v in others[3]["layers"].values())
+    assert all(d is None for d in others[3]["delta_lsat"].values())

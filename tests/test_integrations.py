@@ -505,6 +505,8 @@ def test_bad_arguments_fail_when_the_callback_is_made(callback_class):
         callback_class(sat_threshold=1.5)
     with pytest.raises(ValueError, match="conv_method"):
         callback_class(conv_method="average")
+    with pytest.raises(ValueError, match="rows_per_batch must be an integer >= 1 or None, got 0"):
+        callback_class(rows_per_batch=0)
     with pytest.raises(TypeError, match="modules"):
         callback_class(modules="encoder")
     with pytest.raises(TypeError, match="layer_filter"):
