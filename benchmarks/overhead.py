@@ -43,7 +43,6 @@ from machine import cpu_name  # noqa: E402
 
 from delve import (
     CheckLayerSat,  # noqa: E402
-    eigen,  # noqa: E402
     gram,  # noqa: E402
 )
 from delve.layers import to_data_matrix  # noqa: E402
@@ -286,13 +285,7 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
     # Covariances of the real activations, for the eigh reference.
     covariances = [acc.fix() for acc in _accumulators(tracker) if acc.dim is not None]
     tracker.add_saturations()
-    # The eigensolver schedule is timed on the first epoch ends: run them before timing
-    # one, so the figures are those of a long run.
     wide = max(c.shape[0] for c in covariances) > 1024
-    for _ in range(0 if wide else 4):
-        with torch.no_grad():
-            tracked_model(x)
-        tracker.add_saturations()
     matrices = _data_matrices(tracked_model, tracker, x)
     if wide:
         epoch_repeats = 1  # two eigh of a 3072-wide covariance take most of a minute on two cores
@@ -329,10 +322,6 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
             times["eigh"].append(_timed(lambda: _eigh_pass(covariances), device))
     products = _products(tracker)
     workspace = gram.workspace_bytes() if device.type == "cpu" else 0
-    widths = {c.shape[0] for c in covariances}
-    schedules = {
-        sig: repr(d) for sig, d in eigen.SCHEDULES.decisions().items() if {w for w, _ in sig[0]} <= widths
-    }
     tracker.close()
     Recorder.record = record if device.type == "cpu" else Recorder.record
 
@@ -367,7 +356,6 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         workspace_bytes=workspace,
         steps_per_kind=len(times["plain"]),
         products=products,
-        eigen_schedules=[f"{list(sig[0])}: {decision}" for sig, decision in schedules.items()],
     )
     if device.type == "cuda":
         result["peak_growth_bytes"] = peak["tracked"] - peak["plain"]
@@ -434,8 +422,6 @@ def print_report(info: Dict, results: List[Dict]) -> None:
         print("  Gram product per layer (rows rounded up to a power of two):")
         for layer, product in r["products"].items():
             print(f"    {layer:28s} {product}")
-        for schedule in r["eigen_schedules"]:
-            print(f"  eigensolver schedule for widths {schedule}")
         line = f"  tracker memory       {_mib(r['accumulator_bytes'])} accumulators"
         line += f" + {_mib(r['workspace_bytes'])} shared workspace + {_mib(r['transient_bytes'])} per batch"
         if "peak_growth_bytes" in r:

@@ -12,13 +12,16 @@ the column sums of ``(x - shift) * scale``:
   activations are around ``1e18``;
 * the products run over blocks of at most ``max(8192, features)`` rows whose float32
   results are summed in float64, so rounding does not grow with the batch;
-* two products give the same digits: ``"full"``, one product per row block, and
-  ``"triangle"``, only the lower block triangle of the symmetric result (up to half the
-  multiply-adds, in more and narrower calls). Which is faster depends on the CPU's BLAS
-  (the triangle wins where a large product runs at a low rate, the full product where it
-  runs at full speed), so :data:`PRODUCTS` times both on the first batches of each shape
-  and keeps the faster (see :mod:`delve.autotune`); ``DELVE_GRAM_PRODUCT=full`` or
-  ``triangle`` forces one.
+* three ways of computing them give the same digits: ``"full"``, one product per row
+  block; ``"triangle"``, only the lower block triangle of the symmetric result (up to
+  half the multiply-adds, in more and narrower calls); and ``"streamed"``, which copies
+  and multiplies one row block at a time, so the product reads the copy from the cache
+  (for batches of more than one block). Which is fastest depends on the CPU (the
+  triangle wins where a large product runs at a low rate, the full product where it
+  runs at full speed, streaming where memory is slow next to the arithmetic), so
+  :data:`PRODUCTS` times them on the first batches of each shape and keeps the fastest
+  (see :mod:`delve.autotune`); ``DELVE_GRAM_PRODUCT=full``, ``triangle`` or
+  ``streamed`` forces one.
 """
 
 from __future__ import annotations
@@ -69,8 +72,8 @@ _local = threading.local()
 _all_buffers: weakref.WeakKeyDictionary[threading.Thread, Dict[torch.dtype, torch.Tensor]] = weakref.WeakKeyDictionary()
 _buffers_lock = threading.Lock()
 
-#: Chooses each batch shape's product by timing ``"full"`` and ``"triangle"`` on its first batches.
-PRODUCTS = Autotuner("Gram product", ("full", "triangle"), env="DELVE_GRAM_PRODUCT")
+#: Chooses each batch shape's product by timing the candidates on its first batches.
+PRODUCTS = Autotuner("Gram product", ("full", "triangle", "streamed"), env="DELVE_GRAM_PRODUCT")
 
 
 def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -193,21 +196,53 @@ def centred_gram(
     Returns
     -------
     (torch.Tensor, torch.Tensor)
-        The Gram matrix (float64 when it was summed over row blocks, else ``work``) and
-        the ``(features,)`` column sums in ``work``.
+        The Gram matrix and the ``(features,)`` column sums: float64 when they were
+        summed over row blocks (the Gram matrix) or streamed (both), else ``work``.
 
     """
     features = x.shape[-1]
     rows = x.numel() // features
-    chunks, sums = _centred_chunks(x, shift, work, scale, valid)
-    triangle = len(bounds) > 2 and rows * features * features >= _MIN_TRIANGLE_WORK
-    allowed = ("full", "triangle") if triangle else ("full",)
+    allowed = ["full"]
+    if len(bounds) > 2 and rows * features * features >= _MIN_TRIANGLE_WORK:
+        allowed.append("triangle")
+    if _block_rows(rows, features, work) < rows and x.dim() > 1 and x.shape[0] > 1:
+        allowed.append("streamed")
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
 
-    def product(name: str) -> torch.Tensor:
-        return _triangle(chunks, bounds) if name == "triangle" else _full(chunks)
+    def product(name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        if name == "streamed":
+            return _streamed(x, shift, work, scale, valid)
+        chunks, sums = _centred_chunks(x, shift, work, scale, valid)
+        return (_triangle(chunks, bounds) if name == "triangle" else _full(chunks)), sums
 
-    return PRODUCTS.run(product_signature(x, work), allowed, product, sync), sums
+    return PRODUCTS.run(product_signature(x, work), tuple(allowed), product, sync)
+
+
+def _block_rows(rows: int, features: int, work: torch.dtype) -> int:
+    # Row blocks only serve float32 rounding; at least `features` rows each keeps their
+    # results (blocks × features²) no larger than the centred copy.
+    return rows if work == torch.float64 else max(_BLOCK_ROWS, features)
+
+
+def _streamed(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    work: torch.dtype,
+    scale: Optional[torch.Tensor],
+    valid: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Copy and multiply one row block at a time, along the first dimension, while the copy is in cache."""
+    features = x.shape[-1]
+    per_index = x[0].numel() // features  # rows per index of the first dimension
+    step = max(1, _block_rows(x.numel() // features, features, work) // per_index)
+    gram = torch.zeros(features, features, dtype=torch.float64, device=x.device)
+    sums = torch.zeros(features, dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], step):
+        part = None if valid is None else valid[start : start + step]
+        chunks, part_sums = _centred_chunks(x[start : start + step], shift, work, scale, part)
+        gram.add_(_full(chunks))
+        sums.add_(part_sums)
+    return gram, sums
 
 
 def _centred_chunks(
@@ -220,10 +255,7 @@ def _centred_chunks(
     """Copy the centred rows into the workspace; return them as ``(blocks, features, rows)`` and their column sums."""
     features = x.shape[-1]
     rows = x.numel() // features
-    # Row blocks only serve float32 rounding; at least `features` rows each keeps their
-    # results (blocks × features²) no larger than the centred copy.
-    block = rows if work == torch.float64 else max(_BLOCK_ROWS, features)
-    blocks = -(-rows // block)
+    blocks = -(-rows // _block_rows(rows, features, work))
     per_block = -(-rows // blocks)
     padded = blocks * per_block  # the zero rows that pad the last block change no sum
     buffer = _workspace(features * padded, work, x.device)

@@ -28,7 +28,6 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Opt
 import numpy as np
 import torch
 
-from delve.eigen import Decomposition, decompose
 from delve.validation import check_choice
 
 __all__ = [
@@ -49,7 +48,6 @@ __all__ = [
     "get_stat",
     "idim_of_eigenvalues",
     "layer_statistics",
-    "stat_needs",
     "register_stat",
     "registered_stats",
     "unregister_stat",
@@ -146,19 +144,19 @@ class Eigenspace:
 
     @classmethod
     def of(cls, cov: Matrix, needs: Iterable[str], threshold: float = 0.99, spectrum_k: int = 5,
-           samples: Optional[torch.Tensor] = None, mean: Optional[torch.Tensor] = None,
-           decomposition: Optional[Decomposition] = None) -> Eigenspace:
-        """Decompose ``cov`` as far as ``needs`` asks (eigenvectors only when one needs them), unless given."""
+           samples: Optional[torch.Tensor] = None, mean: Optional[torch.Tensor] = None) -> Eigenspace:
+        """Decompose ``cov`` as far as ``needs`` asks: eigenvectors only when one needs them."""
         cov64 = torch.as_tensor(cov)
         if cov64.dim() != 2 or cov64.shape[0] != cov64.shape[1]:
             raise ValueError(f"expected a square covariance matrix, got shape {tuple(cov64.shape)}")
         cov64 = cov64.to(torch.float64)
         needs = set(needs)
         values = vectors = None
-        if "eigenvectors" in needs or "eigenvalues" in needs:
-            # eigh costs several eigvalsh: only when a projection needs it
-            values, vectors = decomposition or decompose(cov64, vectors="eigenvectors" in needs)
-            vectors = None if vectors is None else vectors.flip(1)
+        if "eigenvectors" in needs:  # eigh costs several eigvalsh: only when a projection needs it
+            values, vectors = torch.linalg.eigh(cov64)
+            vectors = vectors.flip(1)
+        elif "eigenvalues" in needs:
+            values = torch.linalg.eigvalsh(cov64)
         # One transfer of d numbers to the host; the statistics are computed there.
         eig = None if values is None else np.maximum(values.cpu().numpy()[::-1], 0.0)
         return cls(cov64, eig, vectors, threshold, spectrum_k, samples, mean)
@@ -419,7 +417,6 @@ def layer_statistics(
     spectrum_k: int = 5,
     samples: Optional[torch.Tensor] = None,
     mean: Optional[torch.Tensor] = None,
-    decomposition: Optional[Decomposition] = None,
 ) -> Dict[str, Any]:
     """Compute several statistics of one covariance matrix from a single eigendecomposition.
 
@@ -437,9 +434,6 @@ def layer_statistics(
         ``(m, d)`` rows to embed; needed for ``embed``.
     mean : torch.Tensor, optional
         Mean the samples are centred on before the projection (``embed``).
-    decomposition : tuple, optional
-        ``cov``'s eigenvalues (ascending) and eigenvectors (or ``None``), when they were
-        computed already (:func:`delve.eigen.decompose_all`).
 
     Returns
     -------
@@ -449,13 +443,9 @@ def layer_statistics(
 
     """
     wanted = [get_stat(name) for name in stats]
-    space = Eigenspace.of(cov, stat_needs(stats), thresh, spectrum_k, samples, mean, decomposition)
+    needs = set().union(*(s.needs for s in wanted)) if wanted else set()
+    space = Eigenspace.of(cov, needs, thresh, spectrum_k, samples, mean)
     return {s.name: s.compute(space) for s in wanted}
-
-
-def stat_needs(stats: Iterable[str]) -> FrozenSet[str]:
-    """Return what the named statistics are computed from together (see :data:`NEEDS`)."""
-    return frozenset().union(*(get_stat(name).needs for name in stats))
 
 
 def _one(cov: Matrix, stat: str, **kwargs) -> Any:

@@ -12,13 +12,11 @@ import logging
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-import delve.eigen as eigen
 import delve.gram as gram
-from delve import CheckLayerSat, TorchCovarianceMatrix
+from delve import TorchCovarianceMatrix
 from delve.autotune import Autotuner
-from tests.reference import OutputCapture, np_cov, np_stats, rel_err
+from tests.reference import np_cov, rel_err
 
 TOL = 1e-6
 
@@ -199,88 +197,3 @@ def test_forcing_a_product_with_the_environment(fresh_products, monkeypatch):
     monkeypatch.setenv("DELVE_GRAM_PRODUCT", "blocked")
     with pytest.raises(ValueError, match="DELVE_GRAM_PRODUCT='blocked'.*valid: full, triangle"):
         acc.update(rows)
-
-
-# ------------------------------------------------------------------ the epoch-end eigensolvers
-
-
-def _covariances(rng, sizes):
-    out = {}
-    for i, d in enumerate(sizes):
-        a = rng.standard_normal((3 * d, d)) * rng.uniform(0.1, 3.0, d)
-        out[f"layer{i}"] = torch.from_numpy(np_cov(a))
-    return out
-
-
-@pytest.mark.parametrize("schedule", eigen.SCHEDULES.candidates)
-def test_both_eigensolver_schedules_match_numpy(monkeypatch, schedule):
-    monkeypatch.setenv(eigen.SCHEDULES.env, schedule)
-    threads = torch.get_num_threads()
-    covs = _covariances(np.random.default_rng(1), [40, 7, 65, 40])
-    jobs = {name: (cov, name == "layer2") for name, cov in covs.items()}
-    results = eigen.decompose_all(jobs)
-    assert torch.get_num_threads() == threads  # the caller's thread count is left alone
-    for name, cov in covs.items():
-        values, vectors = results[name]
-        np.testing.assert_allclose(values.numpy(), np.linalg.eigvalsh(cov.numpy()), rtol=1e-10, atol=1e-12)
-        if name == "layer2":
-            residual = cov @ vectors - vectors * values
-            assert float(residual.abs().max()) < 1e-10
-        else:
-            assert vectors is None
-
-
-@pytest.mark.parametrize("schedule", eigen.SCHEDULES.candidates)
-def test_a_failing_solver_costs_only_its_own_layer(monkeypatch, schedule):
-    monkeypatch.setenv(eigen.SCHEDULES.env, schedule)
-    covs = _covariances(np.random.default_rng(2), [20, 30])
-    real = torch.linalg.eigvalsh
-
-    def flaky(cov):
-        if cov.shape[0] == 30:
-            raise torch.linalg.LinAlgError("did not converge")
-        return real(cov)
-
-    monkeypatch.setattr(torch.linalg, "eigvalsh", flaky)
-    results = eigen.decompose_all({name: (cov, False) for name, cov in covs.items()})
-    assert isinstance(results["layer1"], torch.linalg.LinAlgError)
-    np.testing.assert_allclose(results["layer0"][0].numpy(), np.linalg.eigvalsh(covs["layer0"].numpy()), rtol=1e-10)
-
-
-def test_the_faster_schedule_is_kept(monkeypatch):
-    monkeypatch.delenv(eigen.SCHEDULES.env, raising=False)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two schedules to choose from on any machine
-    tuner = Autotuner("eigensolver schedule", eigen.SCHEDULES.candidates, env=eigen.SCHEDULES.env, trials=1)
-    clock = ScriptedClock({"sequential": 2.0, "parallel": 1.0})
-    tuner.clock = clock
-    monkeypatch.setattr(eigen, "SCHEDULES", tuner)
-    real_run = tuner.run
-
-    def run(signature, allowed, call, sync=lambda: None):
-        return real_run(signature, allowed, lambda name: (clock.run(name), call(name))[1], sync)
-
-    monkeypatch.setattr(tuner, "run", run)
-    covs = _covariances(np.random.default_rng(3), [16, 24])
-    for _ in range(4):
-        eigen.decompose_all({name: (cov, False) for name, cov in covs.items()})
-    assert clock.runs == ["sequential", "parallel", "parallel", "parallel"]
-
-
-@pytest.mark.parametrize("schedule", eigen.SCHEDULES.candidates)
-def test_tracker_statistics_under_each_schedule_match_numpy(monkeypatch, schedule):
-    monkeypatch.setenv(eigen.SCHEDULES.env, schedule)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 30), nn.Tanh(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 9))
-    tracker = CheckLayerSat("unused", "csv", model, stats=["lsat", "idim", "det"], nosave=True)
-    capture = OutputCapture(tracker.layers)
-    with torch.no_grad():
-        for _ in range(6):
-            model(torch.randn(50, 12) * 3)
-    values = tracker.add_saturations()
-    for name in tracker.layers:
-        expected = np_stats(np.concatenate(capture.take(name, "train")))
-        assert values[f"train-intrinsic-dimensionality_{name}"] == expected["idim"]
-        assert values[f"train-saturation_{name}"] == pytest.approx(expected["lsat"])
-        assert values[f"train-covariance-determinant_{name}"] == pytest.approx(expected["det"], rel=1e-6)
-    capture.remove()
-    tracker.close()
