@@ -44,6 +44,7 @@ from machine import cpu_name  # noqa: E402
 from delve import (
     CheckLayerSat,  # noqa: E402
     gram,  # noqa: E402
+    schedule,  # noqa: E402
 )
 from delve.layers import to_data_matrix  # noqa: E402
 from delve.recorder import Recorder  # noqa: E402
@@ -285,7 +286,13 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
     # Covariances of the real activations, for the eigh reference.
     covariances = [acc.fix() for acc in _accumulators(tracker) if acc.dim is not None]
     tracker.add_saturations()
+    # The epoch-end schedule is timed on the first epoch ends: run them before timing one,
+    # so the figures are those of a long run.
     wide = max(c.shape[0] for c in covariances) > 1024
+    for _ in range(0 if wide else 4):
+        with torch.no_grad():
+            tracked_model(x)
+        tracker.add_saturations()
     matrices = _data_matrices(tracked_model, tracker, x)
     if wide:
         epoch_repeats = 1  # two eigh of a 3072-wide covariance take most of a minute on two cores
@@ -321,6 +328,8 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
             times["epoch"].append(_timed(lambda: tracker.add_saturations(), device))
             times["eigh"].append(_timed(lambda: _eigh_pass(covariances), device))
     products = _products(tracker)
+    widths = tuple(sorted(acc.dim for acc in _accumulators(tracker) if acc.dim is not None))
+    epoch_schedule = schedule.SCHEDULES.decision((widths, torch.get_num_threads()))
     workspace = gram.workspace_bytes() if device.type == "cpu" else 0
     tracker.close()
     Recorder.record = record if device.type == "cpu" else Recorder.record
@@ -356,6 +365,7 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         workspace_bytes=workspace,
         steps_per_kind=len(times["plain"]),
         products=products,
+        epoch_schedule=repr(epoch_schedule) if epoch_schedule is not None else "sequential (not timed)",
     )
     if device.type == "cuda":
         result["peak_growth_bytes"] = peak["tracked"] - peak["plain"]
@@ -419,6 +429,7 @@ def print_report(info: Dict, results: List[Dict]) -> None:
             f"  epoch end            {r['epoch_end_s'] * 1e3:9.2f} ms   vs two eigh per layer "
             f"{r['two_eigh_s'] * 1e3:.2f} ms  (ratio {r['epoch_over_two_eigh']:.2f})"
         )
+        print(f"  epoch-end schedule   {r['epoch_schedule']}")
         print("  Gram product per layer (rows rounded up to a power of two):")
         for layer, product in r["products"].items():
             print(f"    {layer:28s} {product}")

@@ -12,11 +12,13 @@ import logging
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import delve.gram as gram
-from delve import TorchCovarianceMatrix
+import delve.schedule as schedule
+from delve import CheckLayerSat, TorchCovarianceMatrix
 from delve.autotune import Autotuner
-from tests.reference import np_cov, rel_err
+from tests.reference import OutputCapture, np_cov, np_stats, rel_err
 
 TOL = 1e-6
 
@@ -197,3 +199,100 @@ def test_forcing_a_product_with_the_environment(fresh_products, monkeypatch):
     monkeypatch.setenv("DELVE_GRAM_PRODUCT", "blocked")
     with pytest.raises(ValueError, match="DELVE_GRAM_PRODUCT='blocked'.*valid: full, triangle"):
         acc.update(rows)
+
+
+# ------------------------------------------------------------------ the epoch-end schedule
+
+
+def _jobs(sizes, seed=1):
+    rng = np.random.default_rng(seed)
+    covs = {}
+    for i, d in enumerate(sizes):
+        a = rng.standard_normal((3 * d, d)) * rng.uniform(0.1, 3.0, d)
+        covs[f"layer{i}"] = torch.from_numpy(np_cov(a))
+    jobs = {name: (lambda cov=cov: torch.linalg.eigvalsh(cov)) for name, cov in covs.items()}
+    return covs, jobs, {name: cov.shape[0] for name, cov in covs.items()}
+
+
+@pytest.mark.parametrize("name", schedule.SCHEDULES.candidates)
+def test_both_schedules_give_every_result_and_leave_the_thread_count_alone(monkeypatch, name):
+    monkeypatch.setenv(schedule.SCHEDULES.env, name)
+    monkeypatch.setattr(torch, "get_num_threads", lambda real=torch.get_num_threads: max(2, real()))
+    threads = torch.get_num_threads()
+    set_to = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (set_to.append(n), real_set(min(n, 2)))[1])
+    covs, jobs, widths = _jobs([40, 7, 65, 40, 12])
+    results = schedule.run_all(jobs, widths, on_cpu=True)
+    assert set(results) == set(covs)
+    for key, cov in covs.items():
+        np.testing.assert_allclose(results[key].numpy(), np.linalg.eigvalsh(cov.numpy()), rtol=1e-10, atol=1e-12)
+    # Side by side, the count is one for the phase and exactly the caller's afterwards.
+    assert set_to == ([1, threads] if name == "parallel" else [])
+
+
+@pytest.mark.parametrize("name", schedule.SCHEDULES.candidates)
+def test_a_failing_job_is_raised_and_the_thread_count_restored(monkeypatch, name):
+    monkeypatch.setenv(schedule.SCHEDULES.env, name)
+    before = torch.get_num_threads()
+    covs, jobs, widths = _jobs([20, 30, 25])
+
+    def fails():
+        raise RuntimeError("did not converge")
+
+    jobs["layer1"] = fails
+    with pytest.raises(RuntimeError, match="did not converge"):
+        schedule.run_all(jobs, widths, on_cpu=True)
+    assert torch.get_num_threads() == before
+
+
+def test_the_faster_schedule_is_kept(monkeypatch):
+    monkeypatch.delenv(schedule.SCHEDULES.env, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two schedules to choose from on any machine
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    clock = ScriptedClock({"sequential": 2.0, "parallel": 1.0})
+    tuner = Autotuner("epoch-end schedule", schedule.SCHEDULES.candidates, env=schedule.SCHEDULES.env, trials=1,
+                      clock=clock)
+    real_run = tuner.run
+
+    def run(signature, allowed, call, sync=lambda: None):
+        # Each schedule "takes" its scripted time, then really runs.
+        return real_run(signature, allowed, lambda name: (clock.run(name), call(name))[1], sync)
+
+    monkeypatch.setattr(tuner, "run", run)
+    monkeypatch.setattr(schedule, "SCHEDULES", tuner)
+    covs, jobs, widths = _jobs([16, 24])
+    for _ in range(4):
+        assert set(schedule.run_all(jobs, widths, on_cpu=True)) == set(covs)
+    assert clock.runs == ["sequential", "parallel", "parallel", "parallel"]
+    assert tuner.decision(((16, 24), 2)).choice == "parallel"
+
+
+def test_one_job_or_a_gpu_runs_in_order_without_timing(monkeypatch):
+    monkeypatch.delenv(schedule.SCHEDULES.env, raising=False)
+    tuner = Autotuner("epoch-end schedule", schedule.SCHEDULES.candidates, env=schedule.SCHEDULES.env,
+                      clock=lambda: pytest.fail("nothing to choose: no timing"))
+    monkeypatch.setattr(schedule, "SCHEDULES", tuner)
+    covs, jobs, widths = _jobs([10, 20])
+    assert set(schedule.run_all(jobs, widths, on_cpu=False)) == set(covs)
+    assert set(schedule.run_all({"layer0": jobs["layer0"]}, {"layer0": 10}, on_cpu=True)) == {"layer0"}
+
+
+@pytest.mark.parametrize("name", schedule.SCHEDULES.candidates)
+def test_tracker_statistics_under_each_schedule_match_numpy(monkeypatch, name):
+    monkeypatch.setenv(schedule.SCHEDULES.env, name)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 30), nn.Tanh(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 9))
+    tracker = CheckLayerSat("unused", "csv", model, stats=["lsat", "idim", "det"], nosave=True)
+    capture = OutputCapture(tracker.layers)
+    with torch.no_grad():
+        for _ in range(6):
+            model(torch.randn(50, 12) * 3)
+    values = tracker.add_saturations()
+    for layer in tracker.layers:
+        expected = np_stats(np.concatenate(capture.take(layer, "train")))
+        assert values[f"train-intrinsic-dimensionality_{layer}"] == expected["idim"]
+        assert values[f"train-saturation_{layer}"] == pytest.approx(expected["lsat"])
+        assert values[f"train-covariance-determinant_{layer}"] == pytest.approx(expected["det"], rel=1e-6)
+    capture.remove()
+    tracker.close()
