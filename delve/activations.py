@@ -336,6 +336,15 @@ def draw_rows(rows: Rows, count: int, generator: torch.Generator) -> Rows:
     drawn = torch.topk(keys, count, largest=False, sorted=False).indices
     # Index the leading dimensions directly: flattening a view such as a channels-first
     # map's (B, H, W, C) rows would copy the whole output.
-    index = torch.unravel_index(drawn, leading)
+    index = _unravel(drawn, leading)
     valid = None if rows.valid is None else rows.valid[index]
     return Rows(data[index], rows.samples, valid)
+
+
+def _unravel(flat: torch.Tensor, shape: Tuple[int, ...]) -> Tuple[torch.Tensor, ...]:
+    """Return the index along each dimension of ``shape`` of flat (row-major) positions (torch < 2.2 has no unravel)."""
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size)
+        flat = flat // size
+    return tuple(reversed(index))

@@ -236,6 +236,8 @@ def register_stat(
         ``'top-eigenvalue-share'``.
     compute : callable
         ``(Eigenspace) -> value``, given the layer's covariance and what ``needs`` asks for.
+        It should depend on its argument only: at an epoch end, the layers' statistics
+        may be computed side by side in worker threads (:mod:`delve.schedule`).
     kind : {'scalar', 'vector', 'matrix', 'samples'}, default 'scalar'
         A scalar becomes a CSV column, bars, a history heatmap, a TensorBoard scalar and
         a ``delve summary`` column; a vector one TensorBoard scalar per entry and a bar
