@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from machine import cpu_name  # noqa: E402
+from machine import describe  # noqa: E402
 
 from delve import (
     CheckLayerSat,  # noqa: E402
@@ -375,22 +373,6 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
 # ----------------------------------------------------------------------------- report
 
 
-def machine(device: torch.device) -> Dict:
-    """Describe where the numbers were taken."""
-    out = dict(
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        cpu=cpu_name(),
-        cores=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        device=str(device),
-    )
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
-
-
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -465,7 +447,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    info = machine(device)
+    info = describe(device)
     results = [
         run_case(name.strip(), device, args.rounds, args.block, args.warmup, min(args.epoch_repeats, args.rounds))
         for name in args.cases.split(",")

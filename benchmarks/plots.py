@@ -20,10 +20,8 @@ are reported; on a machine shared with other work the CPU time is the steadier o
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from machine import cpu_name  # noqa: E402
+from machine import describe, load_average  # noqa: E402
 
 from delve import plotting  # noqa: E402
 from delve.keys import MODES, layer_key  # noqa: E402
@@ -126,20 +124,6 @@ def measure(layers: int, epochs: int, every: List[Optional[int]], folder: str) -
     return results
 
 
-def machine() -> Dict:
-    """Describe where the numbers were taken."""
-    import matplotlib
-
-    return dict(
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        python=platform.python_version(),
-        matplotlib=matplotlib.__version__,
-        cpu=cpu_name(),
-        cores=os.cpu_count(),
-        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    )
-
-
 def print_report(info: Dict, results: List[Dict]) -> None:
     load = info.get("load_average")
     print("delve plot writer: time of save() per epoch and of close()")
@@ -179,13 +163,15 @@ def main(argv=None) -> None:
                              "of the writer): at close() only (default: none,1,10,25)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
-    info = machine()
+    import matplotlib
+
+    info = describe(matplotlib=matplotlib.__version__)
     results = []
     with tempfile.TemporaryDirectory(prefix="delve-plots-") as folder:
         warm_up(folder)
         for layers in (int(n) for n in args.layers.split(",")):
             results += measure(layers, args.epochs, parse_every(args.every), folder)
-    info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["load_average_end"] = load_average()
     if args.json:
         print(json.dumps({"machine": info, "results": results}, indent=1))
     else:

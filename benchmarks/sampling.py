@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,7 +44,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import cpu_name  # noqa: E402
+from machine import describe  # noqa: E402
 from overhead import TransformerBlock  # noqa: E402
 
 from delve import CheckLayerSat  # noqa: E402
@@ -230,19 +228,6 @@ def run_sampling(
     )
 
 
-def machine() -> Dict:
-    """Describe where the numbers were taken."""
-    return dict(
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        cpu=cpu_name(),
-        cores=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    )
-
-
 def _largest(values) -> float:
     known = [value for value in values if not math.isnan(value)]
     return max(known) if known else math.nan
@@ -305,7 +290,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     fractions = [int(f) for f in args.fractions.split(",") if f.strip()]
-    info = machine()
+    info = describe()
     report = run_sampling(args.batches, args.width, args.hidden, args.heads, args.batch, args.steps, fractions,
                           args.warmup)
     if args.json:

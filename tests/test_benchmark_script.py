@@ -13,32 +13,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_overhead_json_reports_every_quantity_for_the_lstm():
+def _report(script: str, *arguments: str) -> dict:
+    """Run a benchmark script with ``--json`` as a user would; return what it printed."""
     done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "overhead.py"),
-            "--cases",
-            "lstm",
-            "--rounds",
-            "2",
-            "--block",
-            "1",
-            "--warmup",
-            "1",
-            "--epoch-repeats",
-            "1",
-            "--threads",
-            "1",
-            "--json",
-        ],
+        [sys.executable, str(REPO / "benchmarks" / script), *arguments, "--json"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_overhead_json_reports_every_quantity_for_the_lstm():
+    report = _report(
+        "overhead.py", "--cases", "lstm", "--rounds", "2", "--block", "1", "--warmup", "1", "--epoch-repeats", "1",
+        "--threads", "1",
+    )
     assert report["machine"]["device"] == "cpu"
     assert report["machine"]["torch_threads"] == 1
     (case,) = report["results"]
@@ -51,6 +43,14 @@ def test_overhead_json_reports_every_quantity_for_the_lstm():
         assert 0 < case[f"{part}_untracked_s"] < case["untracked_s"] * 2
     assert math.isclose(case["ratio"], case["tracked_s"] / case["untracked_s"])
     assert math.isclose(case["extra_over_gram"], case["extra_s"] / case["gram_s"])
+    # Which product each layer's batches use, and why: 50 × 64 rows of the LSTMs' 256
+    # features (4096 rows, rounded to a power of two), 64 rows of the read-out's 10.
+    assert set(case["products"]) == {"lstm1", "lstm2", "fc"}
+    assert case["products"]["lstm1"].startswith("4096 rows x 256, rows-major: ")
+    assert case["products"]["fc"] == "64 rows x 10, rows-major: full (only candidate)"
+    for product in case["products"].values():
+        assert any(name in product for name in ("full", "triangle", "streamed", "still being timed"))
+    assert case["epoch_schedule"].split()[0] in ("sequential", "parallel")
     # The float64 state of the three layers (256, 256 and 10 features) is the bulk of it;
     # the per-batch figure is one float64 Gram matrix of the widest layer.
     state = sum(8 * (d * d + 2 * d) for d in (256, 256, 10))
@@ -59,16 +59,7 @@ def test_overhead_json_reports_every_quantity_for_the_lstm():
 
 
 def test_plots_json_times_every_writer_against_the_bar_charts_alone():
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "plots.py"), "--epochs", "2", "--layers", "2", "--every", "none,1",
-         "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = _report("plots.py", "--epochs", "2", "--layers", "2", "--every", "none,1")
     assert report["machine"]["cpu"] and report["machine"]["cores"] >= 1
     writers = [case["writer"] for case in report["results"]]
     assert writers == ["bars only", "plot writer, history_every=None", "plot writer, history_every=1"]
@@ -85,17 +76,10 @@ def test_plots_json_times_every_writer_against_the_bar_charts_alone():
 
 def test_sampling_epoch_reports_every_setting_against_the_exact_run():
     # Through overhead.py's --sampling, as the benchmark README runs it, on a tiny block.
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "overhead.py"), "--sampling", "--width", "32", "--hidden", "64",
-         "--heads", "4", "--batch", "2", "--steps", "16", "--batches", "8", "--warmup", "1", "--threads", "1",
-         "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    report = _report(
+        "overhead.py", "--sampling", "--width", "32", "--hidden", "64", "--heads", "4", "--batch", "2", "--steps",
+        "16", "--batches", "8", "--warmup", "1", "--threads", "1",
     )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
     assert report["machine"]["cpu"] and report["machine"]["torch_threads"] == 1
     assert report["settings"]["rows_per_batch_of_data"] == 32  # B·T rows: timestepwise
     assert report["settings"]["timed_rounds"] == 7
