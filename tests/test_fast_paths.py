@@ -154,6 +154,23 @@ def test_uneven_row_blocks_and_feature_counts(product):
     assert rel_err(acc.fix().numpy(), np_cov(np.concatenate([p.numpy() for p in parts]))) < TOL
 
 
+@pytest.mark.parametrize("layout", ["rows", "channels-first"])
+def test_masked_rows_under_every_product(product, layout):
+    # Padding rows get zero weight in the centred copy, whichever product multiplies it;
+    # 24 × 700 rows make three row blocks, so the streamed product runs block by block.
+    rng = np.random.default_rng(12)
+    data = _rows(rng, 24 * 700, 40, mean_scale=1e4).astype(np.float32).reshape(24, 700, 40)
+    valid = rng.random((24, 700)) < 0.7
+    data[~valid] = np.nan  # padding may hold anything
+    x = torch.from_numpy(data)
+    if layout == "channels-first":
+        x = x.movedim(-1, 1).contiguous().movedim(1, -1)  # features strided, as a conv map's rows
+    acc = TorchCovarianceMatrix()
+    acc.update_rows(x, torch.from_numpy(valid))
+    assert acc.count == valid.sum() and acc.skipped_batches == 0
+    assert rel_err(acc.fix().numpy(), np_cov(data[valid])) < TOL
+
+
 # ------------------------------------------------------------------ state handling
 
 
