@@ -9,8 +9,10 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Unio
 import torch
 
 from delve.activations import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS, RowOptions
+from delve.gram import PRODUCTS
 from delve.keys import MODES
 from delve.metrics import get_stat, registered_stats
+from delve.schedule import SCHEDULES
 from delve.validation import (
     check_callable,
     check_choice,
@@ -151,6 +153,10 @@ class TrackerConfig:
         for name, value in checked.items():
             object.__setattr__(self, name, value)
         check_save_to(self.save_to, dict(self.writer_args))
+        # The variables that force a kernel are read at every batch: a typo fails here,
+        # naming the valid values, not at the first batch.
+        for tuner in (PRODUCTS, SCHEDULES):
+            tuner.forced()
 
     @property
     def row_options(self) -> RowOptions:

@@ -296,3 +296,11 @@ def test_tracker_statistics_under_each_schedule_match_numpy(monkeypatch, name):
         assert values[f"train-covariance-determinant_{layer}"] == pytest.approx(expected["det"], rel=1e-6)
     capture.remove()
     tracker.close()
+
+
+@pytest.mark.parametrize("variable", [gram.PRODUCTS.env, schedule.SCHEDULES.env])
+def test_a_mistyped_variable_fails_at_construction(monkeypatch, variable):
+    # Read at every batch, it would otherwise fail every batch of the run.
+    monkeypatch.setenv(variable, "fastest")
+    with pytest.raises(ValueError, match=rf"{variable}='fastest' is not .*; valid: "):
+        CheckLayerSat("unused", "csv", nn.Linear(3, 4), nosave=True)
