@@ -30,7 +30,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -44,7 +44,8 @@ from delve import (
     gram,  # noqa: E402
     schedule,  # noqa: E402
 )
-from delve.layers import to_data_matrix  # noqa: E402
+from delve.covariance import product_dtype  # noqa: E402
+from delve.layers import to_data_rows  # noqa: E402
 from delve.recorder import Recorder  # noqa: E402
 
 # ----------------------------------------------------------------------------- models
@@ -174,19 +175,26 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _data_matrices(model: nn.Module, tracker: CheckLayerSat, x: torch.Tensor) -> List[torch.Tensor]:
-    """Materialise the (rows, features) float32 matrix of every tracked layer for one batch."""
-    captured: List[torch.Tensor] = []
-    handles = []
-    for layer in tracker.layers.values():
+def _data_matrices(model: nn.Module, tracker: CheckLayerSat, x: torch.Tensor) -> Tuple[List[torch.Tensor], Dict]:
+    """Materialise the (rows, features) float32 matrix of every tracked layer for one batch.
 
-        def hook(module, inputs, output):
+    Also return each layer's product signature: that of the rows the tracker multiplies
+    (a view of the output, as :func:`delve.layers.to_data_rows` gives it).
+    """
+    captured: List[torch.Tensor] = []
+    signatures: Dict[str, Tuple] = {}
+    handles = []
+    for name, layer in tracker.layers.items():
+
+        def hook(module, inputs, output, name=name):
             with torch.no_grad():
-                matrix, _ = to_data_matrix(
+                rows, _ = to_data_rows(
                     module, output, tracker.conv_method, tracker.timeseries_method,
                     tracker.interpolation_strategy, tracker.interpolation_downsampling,
                 )
-                captured.append(matrix.detach().to(torch.float32).contiguous())
+                work = product_dtype(rows.dtype, rows.shape[-1], tracker.float64_products)
+                signatures[name] = gram.product_signature(rows, work)
+                captured.append(rows.detach().reshape(-1, rows.shape[-1]).to(torch.float32).contiguous())
 
         handles.append(layer.register_forward_hook(hook))
     was_recording = tracker.is_recording()
@@ -197,7 +205,7 @@ def _data_matrices(model: nn.Module, tracker: CheckLayerSat, x: torch.Tensor) ->
         tracker.resume()
     for handle in handles:
         handle.remove()
-    return captured
+    return captured, signatures
 
 
 def _gram_pass(matrices: List[torch.Tensor]) -> None:
@@ -219,16 +227,13 @@ def _accumulators(tracker: CheckLayerSat):
     return [tracker.accumulator(name, mode) for name in tracker.layers for mode in tracker.config.modes]
 
 
-def _products(tracker: CheckLayerSat) -> Dict[str, str]:
+def _products(signatures: Dict[str, Tuple]) -> Dict[str, str]:
     """Return, per tracked layer, the Gram product its batches use and why (the times that decided it)."""
     out = {}
-    for name in tracker.layers:
-        acc = tracker.accumulator(name, tracker.config.modes[0])
-        signature = acc.product_signature
-        decision = None if signature is None else gram.product_decision(signature)
-        rows, features, layout = signature[:3] if signature else ("?", "?", "?")
-        where = f"{rows} rows x {features}, {layout}-major"
-        out[name] = f"{where}: {decision if decision is not None else 'still being timed'}"
+    for name, signature in signatures.items():
+        rows, features, layout = signature[:3]
+        decision = gram.product_decision(signature) or "still being timed"
+        out[name] = f"{rows} rows x {features}, {layout}-major: {decision}"
     return out
 
 
@@ -291,7 +296,7 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         with torch.no_grad():
             tracked_model(x)
         tracker.add_saturations()
-    matrices = _data_matrices(tracked_model, tracker, x)
+    matrices, signatures = _data_matrices(tracked_model, tracker, x)
     if wide:
         epoch_repeats = 1  # two eigh of a 3072-wide covariance take most of a minute on two cores
 
@@ -325,7 +330,7 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         if r >= rounds - epoch_repeats:
             times["epoch"].append(_timed(lambda: tracker.add_saturations(), device))
             times["eigh"].append(_timed(lambda: _eigh_pass(covariances), device))
-    products = _products(tracker)
+    products = _products(signatures)
     widths = tuple(sorted(acc.dim for acc in _accumulators(tracker) if acc.dim is not None))
     epoch_schedule = schedule.SCHEDULES.decision((widths, torch.get_num_threads()))
     workspace = gram.workspace_bytes() if device.type == "cpu" else 0

@@ -25,7 +25,7 @@ from delve import gram as products
 from delve._runtime import run_eagerly
 from delve.precision import FULL_PRECISION, autocast_off
 
-__all__ = ["TorchCovarianceMatrix", "covariance_bytes", "float64_home"]
+__all__ = ["TorchCovarianceMatrix", "covariance_bytes", "float64_home", "product_dtype"]
 
 DeviceLike = Union[str, torch.device, None]
 
@@ -47,6 +47,13 @@ def covariance_bytes(dim: int) -> int:
     see :func:`delve.gram.workspace_bytes`.
     """
     return dim * dim * (8 + 8 + 4)
+
+
+def product_dtype(dtype: torch.dtype, features: int, float64_products: bool = False) -> torch.dtype:
+    """Return the dtype a batch of ``dtype`` rows with ``features`` features is centred and multiplied in."""
+    # float64 activations are never rounded to float32: that would cost digits.
+    wide = float64_products or dtype == torch.float64 or features < _FLOAT32_MIN_FEATURES
+    return torch.float64 if wide else torch.float32
 
 
 def float64_home(device: torch.device) -> torch.device:
@@ -118,8 +125,6 @@ class TorchCovarianceMatrix:
         self._scale: Optional[torch.Tensor] = None
         self._fresh = True  # no row merged since the last reset: a batch picks the shift
         self._since_shift = 0  # batches added since the shift last moved
-        #: What the last batch's product depended on (see :func:`delve.gram.product_decision`).
-        self.product_signature: Optional[Tuple] = None
 
     # ------------------------------------------------------------------ state
     # n, mean, scatter and skipped are the public state, derived from n, s, t and S;
@@ -275,13 +280,10 @@ class TorchCovarianceMatrix:
             self._add_batch(x, valid)
 
     def _add_batch(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
-        # float64 activations are never rounded to float32: that would cost digits.
-        wide = self.float64_products or x.dtype == torch.float64 or self._dim < _FLOAT32_MIN_FEATURES
-        work = torch.float64 if wide else torch.float32
+        work = product_dtype(x.dtype, self._dim, self.float64_products)
         if self._shift is None or self._shift.dtype != work or self._since_shift >= _SHIFT_EVERY:
             self._recentre(x, work, valid)
         bounds = products.block_bounds(self._dim)
-        self.product_signature = products.product_signature(x, work)
         with FULL_PRECISION:
             gram, sums = products.centred_gram(x, self._shift, work, bounds, self._scale, valid)
         rows = x.numel() // x.shape[-1] if valid is None else valid.sum()
