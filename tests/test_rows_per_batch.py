@@ -334,11 +334,31 @@ def test_max_samples_counts_samples_of_the_batch_dimension_the_rows_are_drawn_fr
 def test_the_embedding_samples_are_the_drawn_rows():
     model = nn.Linear(4, 3)
     tracker = CheckLayerSat("unused", "csv", model, stats=["embed"], nosave=True, rows_per_batch=7)
+    capture = OutputCapture(dict(tracker.layers))
     # (3 features: draws are merged at once; the embedding rows are offered before any is held back)
     for _ in range(2):
-        model(torch.randn(50, 4))
+        model(torch.randn(50, 4) * torch.tensor([3.0, 1.0, 0.5, 2.0]))
     _, samples = tracker.compute_statistics()
-    assert [array.shape for array in samples.values()] == [(14, 2)]
+    (embedded,) = samples.values()
+    assert embedded.shape == (14, 2)
+    (name,) = tracker.layers
+    accumulator = tracker.accumulator(name)
+    values, vectors = np.linalg.eigh(accumulator.fix().numpy())
+    top = vectors[:, ::-1][:, :2]
+    # Every embedded point is the projection of a row of the batches (up to the sign of each
+    # direction; samples are kept in float32)...
+    outputs = np.concatenate(capture.take(name, "train"))
+    projected = (outputs - accumulator.mean.numpy()) @ top
+    scale = np.abs(projected).max()
+    for point in embedded:
+        gaps = np.abs(np.abs(projected) - np.abs(point)).max(axis=1)
+        assert gaps.min() <= 1e-5 * scale
+    # ...and they are the rows the covariance was made of: centred, with the top two
+    # eigenvalues as their variances.
+    np.testing.assert_allclose(embedded.mean(0), 0.0, atol=1e-5 * scale)
+    np.testing.assert_allclose(np.cov(embedded, rowvar=False, bias=True), np.diag(values[::-1][:2]),
+                               rtol=1e-5, atol=1e-5 * values.max())
+    capture.remove()
     tracker.close()
 
 
