@@ -30,7 +30,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -237,6 +237,37 @@ def _products(signatures: Dict[str, Tuple]) -> Dict[str, str]:
     return out
 
 
+class HookClock:
+    """Time spent inside the tracker's hooks, charged to whichever run is stepping (:attr:`current`)."""
+
+    def __init__(self):
+        self.current: Optional[str] = None
+        self.spent: Dict[Optional[str], float] = {}
+        self._record = Recorder.record
+
+    def start(self) -> None:
+        """Time every call of ``Recorder.record`` from now on."""
+        record = self._record
+
+        def timed(recorder, *args):
+            start = time.perf_counter()
+            record(recorder, *args)
+            self.spent[self.current] = self.spent.get(self.current, 0.0) + time.perf_counter() - start
+
+        Recorder.record = timed
+
+    def stop(self) -> None:
+        """Put ``Recorder.record`` back as it was."""
+        Recorder.record = self._record
+
+    def __enter__(self) -> HookClock:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: int, epoch_repeats: int) -> Dict:
     """Benchmark one model; return a dict of the measured quantities (seconds, bytes)."""
     gram.release_workspace()  # the workspace is per process: count this case's only
@@ -257,16 +288,9 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
     # Time spent inside the tracker's hooks, per step: on a shared machine this is far
     # steadier than the difference of two step times. On a GPU it would only time the
     # kernel launches, so it is measured on the CPU alone.
-    hook_time = [0.0]
+    hooks = HookClock()
     if device.type == "cpu":
-        record = Recorder.record
-
-        def timed_record(*args):
-            start = time.perf_counter()
-            record(*args)
-            hook_time[0] += time.perf_counter() - start
-
-        Recorder.record = timed_record  # only the tracked model has hooks: they alone are timed
+        hooks.start()
 
     # The forward pass timed apart (CPU only, like the hooks): whether tracking slows the
     # rest of the step too (through the caches, say) or only the forward pass it hooks.
@@ -312,11 +336,13 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
         for kind in (("plain", "tracked") if r % 2 == 0 else ("tracked", "plain")):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            hook_time[0] = forward_time[kind][0] = 0.0
+            forward_time[kind][0] = 0.0
+            hooks.current = kind
+            hooks.spent.clear()
             block_times[kind] = [_timed(lambda k=kind: step(k), device) for _ in range(block)]
-            if kind == "tracked":
-                times["hooks"].append(hook_time[0] / block)
             if device.type == "cpu":
+                if kind == "tracked":  # only the tracked model has hooks
+                    times["hooks"].append(hooks.spent.get(kind, 0.0) / block)
                 times["fwd_" + kind].append(forward_time[kind][0] / block)
                 times["rest_" + kind].append((sum(block_times[kind]) - forward_time[kind][0]) / block)
             times[kind] += block_times[kind]
@@ -335,7 +361,7 @@ def run_case(name: str, device: torch.device, rounds: int, block: int, warmup: i
     epoch_schedule = schedule.SCHEDULES.decision((widths, torch.get_num_threads()))
     workspace = gram.workspace_bytes() if device.type == "cpu" else 0
     tracker.close()
-    Recorder.record = record if device.type == "cpu" else Recorder.record
+    hooks.stop()
 
     med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     # Differences within a round, where both kinds ran within seconds of each other, cancel the

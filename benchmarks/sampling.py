@@ -36,7 +36,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -45,11 +45,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from machine import describe  # noqa: E402
-from overhead import TransformerBlock  # noqa: E402
+from overhead import HookClock, TransformerBlock  # noqa: E402
 
 from delve import CheckLayerSat  # noqa: E402
 from delve.keys import layer_key  # noqa: E402
-from delve.recorder import Recorder  # noqa: E402
 
 #: Rounds per timing block: a multiple of every log_interval measured.
 BLOCK = 16
@@ -82,29 +81,6 @@ class Batches:
         own = torch.randn(batch, steps, width, generator=self.generator)
         x = (0.6 * shared + 0.8 * own) * self.scales
         return x, torch.randn(batch, steps, width, generator=self.generator)
-
-
-class HookClock:
-    """Time spent inside the tracker's hooks, charged to whichever run is stepping."""
-
-    def __init__(self):
-        self.current: Optional[str] = None
-        self.spent: Dict[str, float] = {}
-        self._record = Recorder.record
-
-    def __enter__(self) -> HookClock:
-        record = self._record
-
-        def timed(recorder, *args):
-            start = time.perf_counter()
-            record(recorder, *args)
-            self.spent[self.current] = self.spent.get(self.current, 0.0) + time.perf_counter() - start
-
-        Recorder.record = timed
-        return self
-
-    def __exit__(self, *exc) -> None:
-        Recorder.record = self._record
 
 
 def train_in_lockstep(runs: List[Dict], batches: Batches, count: int, warmup: int, clock: HookClock) -> None:
