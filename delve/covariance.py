@@ -123,6 +123,8 @@ class TorchCovarianceMatrix:
         self._shift: Optional[torch.Tensor] = None
         # The power of two centred batches are multiplied by (None for float64 products).
         self._scale: Optional[torch.Tensor] = None
+        self._unscale: Optional[torch.Tensor] = None  # 1 / scale and its square, in float64
+        self._unscale2: Optional[torch.Tensor] = None
         self._fresh = True  # no row merged since the last reset: a batch picks the shift
         self._since_shift = 0  # batches added since the shift last moved
 
@@ -288,20 +290,24 @@ class TorchCovarianceMatrix:
             gram, sums = products.centred_gram(x, self._shift, work, bounds, self._scale, valid)
         rows = x.numel() // x.shape[-1] if valid is None else valid.sum()
         # A non-finite value anywhere makes its column's diagonal entry, hence the trace,
-        # non-finite. The batch is then dropped on the device: no host round trip.
+        # non-finite, and the batch is dropped. On an accelerator that is decided on the
+        # device (no host round trip): the batch's terms are zeroed and counted as skipped.
         ok = torch.isfinite(gram.trace())
-        bad = ~ok
-        # The products are of scaled rows: (x - s)·c gives c² times the Gram matrix.
-        unscale = None if self._scale is None else self._scale.to(torch.float64).reciprocal()
-        unscale2 = None if unscale is None else unscale * unscale
+        finite = products.host_value(ok)  # read where that is free (the CPU)
+        if finite is not None:
+            if not finite:
+                self._skipped.add_(1)
+                return
+            ok = None
         if self._dim >= products.BLOCKWISE_FEATURES:
             for start, stop in zip(bounds[:-1], bounds[1:]):
-                _add(self._gram[start:stop, :stop], gram[start:stop, :stop].masked_fill_(bad, 0.0), unscale2)
+                _add(self._gram[start:stop, :stop], gram[start:stop, :stop], self._unscale2, ok)
         else:
-            _add(self._gram, gram.masked_fill_(bad, 0.0), unscale2)
-        _add(self._sum, sums.masked_fill_(bad, 0.0), unscale)
-        self._n.add_(ok * rows)
-        self._skipped.add_(bad)
+            _add(self._gram, gram, self._unscale2, ok)
+        _add(self._sum, sums, self._unscale, ok)
+        self._n.add_(rows if ok is None else ok * rows)
+        if ok is not None:
+            self._skipped.add_(~ok)
         self._fresh = False
         self._since_shift += 1
 
@@ -318,6 +324,9 @@ class TorchCovarianceMatrix:
         if scale is not None and self._scale is not None and self._scale.dtype == scale.dtype:
             scale = torch.where(self._n > 0, scale, self._scale)  # no accepted row yet: nothing to fit
         self._scale = scale
+        # The products are of scaled rows: (x - s)·c gives c² times the Gram matrix.
+        self._unscale = None if scale is None else scale.to(torch.float64).reciprocal()
+        self._unscale2 = None if scale is None else self._unscale * self._unscale
 
     def merge(self, other: TorchCovarianceMatrix) -> TorchCovarianceMatrix:
         """Add the rows another accumulator has seen into this one, exactly.
@@ -417,8 +426,13 @@ class TorchCovarianceMatrix:
         return acc
 
 
-def _add(target: torch.Tensor, value: torch.Tensor, factor: Optional[torch.Tensor]) -> None:
-    """Add ``value`` (times ``factor``, which undoes the scale of the products) to the float64 ``target``."""
+def _add(target: torch.Tensor, value: torch.Tensor, factor: Optional[torch.Tensor], ok: Optional[torch.Tensor]) -> None:
+    """Add ``value`` (times ``factor``, which undoes the scale of the products) to the float64 ``target``.
+
+    ``ok``, a 0-d boolean on the device, zeroes a batch that must not count (``None``: it counts).
+    """
+    if ok is not None:
+        value = value.masked_fill_(~ok, 0.0)
     if factor is None:
         target.add_(value)
     else:

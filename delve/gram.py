@@ -41,7 +41,7 @@ __all__ = [
     "block_bounds",
     "centred_gram",
     "first_shift",
-    "host_factor",
+    "host_value",
     "power_of_two_scale",
     "product_decision",
     "product_signature",
@@ -62,6 +62,10 @@ BLOCKWISE_FEATURES = 512
 # Below this many multiply-adds (rows × features²) the triangle is not worth timing:
 # its extra calls cost more than the multiply-adds they save.
 _MIN_TRIANGLE_WORK = 2**22
+# Feature rows of the feature-major copy lie this many elements more apart than their
+# length when that is a multiple of it: rows a power of two apart share cache sets, and
+# the product's reads of them evict each other.
+_STRIDE_PAD = 16
 # A workspace larger than this is not kept between batches.
 _MAX_KEPT_WORKSPACE = 512 * 2**20
 # Scales stay within float32's exponent range with room for a product of two.
@@ -129,9 +133,9 @@ def block_bounds(features: int) -> Tuple[int, ...]:
     return (0, *inner, features)
 
 
-def host_factor(scale: torch.Tensor) -> Optional[float]:
-    """Return ``scale`` as a Python number where reading it costs no synchronisation (the CPU), else ``None``."""
-    return scale.item() if scale.device.type == "cpu" else None
+def host_value(value: torch.Tensor) -> Optional[float]:
+    """Return a 0-d tensor as a Python number where reading it costs no synchronisation (the CPU), else ``None``."""
+    return value.item() if value.device.type == "cpu" else None
 
 
 def _centred_copy(x: torch.Tensor, shift: torch.Tensor, scale: Optional[torch.Tensor], out: torch.Tensor) -> None:
@@ -141,7 +145,7 @@ def _centred_copy(x: torch.Tensor, shift: torch.Tensor, scale: Optional[torch.Te
     # x·c − s·c rounds exactly as (x − s)·c for a power-of-two c: one pass, no overflow.
     # A Python factor runs at the speed of a subtraction; a tensor one (through addcmul)
     # at about half of it, but reading it would make a GPU wait.
-    factor = host_factor(scale)
+    factor = host_value(scale)
     if factor is None:
         torch.addcmul(shift * -scale, x, scale, out=out)
     else:
@@ -258,8 +262,8 @@ def _centred_chunks(
     blocks = -(-rows // _block_rows(rows, features, work))
     per_block = -(-rows // blocks)
     padded = blocks * per_block  # the zero rows that pad the last block change no sum
-    buffer = _workspace(features * padded, work, x.device)
     if x.stride(-1) == 1 or features == 1:
+        buffer = _workspace(features * padded, work, x.device)
         # Features adjacent in memory: the centred copy is row-major (rows, features).
         flat = buffer.view(padded, features)
         _centred_copy(x, shift, scale, flat[:rows].view(x.shape))
@@ -270,7 +274,8 @@ def _centred_chunks(
         return flat.view(blocks, per_block, features).transpose(1, 2), flat.sum(0)
     # Features strided (a channels-first map seen as rows): write the centred copy
     # feature-major, (features, rows), reading the input in its own memory order.
-    flat = buffer.view(features, padded)
+    stride = padded + _STRIDE_PAD if padded % _STRIDE_PAD == 0 else padded
+    flat = _workspace(features * stride, work, x.device).view(features, stride)[:, :padded]
     lead = x.shape[:-1]
     out = flat[:, :rows].view(features, *lead)
     broadcast = (features,) + (1,) * len(lead)

@@ -174,8 +174,16 @@ def test_masked_rows_under_every_product(product, layout):
 # ------------------------------------------------------------------ state handling
 
 
+@pytest.fixture(params=["host", "device"])
+def skip_decided_on(request, monkeypatch):
+    """Decide to skip a non-finite batch on the host (the CPU's way) or on the device (a GPU's)."""
+    if request.param == "device":
+        monkeypatch.setattr(gram, "host_value", lambda value: None)
+    return request.param
+
+
 @pytest.mark.parametrize("d", [64, 520])
-def test_non_finite_batch_among_float32_batches_is_skipped(d, product):
+def test_non_finite_batch_among_float32_batches_is_skipped(d, product, skip_decided_on):
     rng = np.random.default_rng(8)
     parts = [_rows(rng, 500, d, 1e4).astype(np.float32) for _ in range(11)]
     bad = parts[4].copy()
@@ -187,7 +195,7 @@ def test_non_finite_batch_among_float32_batches_is_skipped(d, product):
     assert rel_err(acc.fix().numpy(), np_cov(np.concatenate(parts))) < TOL
 
 
-def test_first_batch_with_a_nan_does_not_decentre_the_next_ones():
+def test_first_batch_with_a_nan_does_not_decentre_the_next_ones(skip_decided_on):
     # The first batch sets the shift the next ones are centred on; its NaN must not
     # turn that shift into 0 for a feature whose mean is 1e4 standard deviations.
     rng = np.random.default_rng(12)
@@ -232,7 +240,7 @@ def test_update_reads_no_tensor_value_on_the_host(monkeypatch):
         raise AssertionError("a tensor value was read on the host during update")
 
     with monkeypatch.context() as patch:
-        patch.setattr(gram, "host_factor", lambda scale: None)
+        patch.setattr(gram, "host_value", lambda value: None)
         for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
             patch.setattr(torch.Tensor, name, refuse)
         for i in range(1, 40):
@@ -248,7 +256,7 @@ def test_the_cpu_and_gpu_centred_copies_agree_to_the_bit(monkeypatch, exponent):
     rows = torch.from_numpy(_rows(rng, 3000, 40, mean_scale=1e4, scale=2.0**exponent).astype(np.float32))
     monkeypatch.setenv(gram.PRODUCTS.env, "full")  # the same product both times
     on_cpu = _accumulate(rows.split(600))
-    monkeypatch.setattr(gram, "host_factor", lambda scale: None)
+    monkeypatch.setattr(gram, "host_value", lambda value: None)
     like_gpu = _accumulate(rows.split(600))
     assert torch.equal(on_cpu.scatter, like_gpu.scatter)
     assert rel_err(on_cpu.fix().numpy(), np_cov(rows.double().numpy())) < TOL
