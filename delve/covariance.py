@@ -16,6 +16,7 @@ the batches are multiplied by follows their spread.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -292,13 +293,12 @@ class TorchCovarianceMatrix:
         # A non-finite value anywhere makes its column's diagonal entry, hence the trace,
         # non-finite, and the batch is dropped. On an accelerator that is decided on the
         # device (no host round trip): the batch's terms are zeroed and counted as skipped.
-        ok = torch.isfinite(gram.trace())
-        finite = products.host_value(ok)  # read where that is free (the CPU)
-        if finite is not None:
-            if not finite:
-                self._skipped.add_(1)
-                return
-            ok = None
+        trace = gram.trace()
+        value = products.host_value(trace)  # read where that is free (the CPU)
+        ok = torch.isfinite(trace) if value is None else None
+        if value is not None and not math.isfinite(value):
+            self._skipped.add_(1)
+            return
         if self._dim >= products.BLOCKWISE_FEATURES:
             for start, stop in zip(bounds[:-1], bounds[1:]):
                 _add(self._gram[start:stop, :stop], gram[start:stop, :stop], self._unscale2, ok)
