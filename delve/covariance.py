@@ -8,9 +8,10 @@ paper's ``ΣAᵀA/n − μμᵀ`` without its cancellation, since ``|t/n|`` stay
 
 A batch is centred on the shift and multiplied by :func:`delve.gram.centred_gram`; the
 result is added to ``S`` and ``t`` on the device, gated by a finiteness check that never
-waits for the host. Every few batches the shift moves to the running mean (an exact
-rank-two correction of ``S``), so the data stays centred while it drifts, and the scale
-the batches are multiplied by follows their spread.
+waits for an accelerator (the CPU reads it, which costs nothing there). Every few batches
+the shift moves to the running mean (an exact rank-two correction of ``S``), so the data
+stays centred while it drifts, and the scale the batches are multiplied by follows their
+spread.
 """
 
 from __future__ import annotations
