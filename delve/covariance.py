@@ -290,16 +290,16 @@ class TorchCovarianceMatrix:
         bounds = products.block_bounds(self._dim)
         with FULL_PRECISION:
             gram, sums = products.centred_gram(x, self._shift, work, bounds, self._scale, valid)
-        rows = x.numel() // x.shape[-1] if valid is None else valid.sum()
         # A non-finite value anywhere makes its column's diagonal entry, hence the trace,
         # non-finite, and the batch is dropped. On an accelerator that is decided on the
         # device (no host round trip): the batch's terms are zeroed and counted as skipped.
         trace = gram.trace()
         value = products.host_value(trace)  # read where that is free (the CPU)
-        ok = torch.isfinite(trace) if value is None else None
         if value is not None and not math.isfinite(value):
             self._skipped.add_(1)
             return
+        ok = torch.isfinite(trace) if value is None else None  # decided on the accelerator
+        rows = x.numel() // x.shape[-1] if valid is None else valid.sum()
         if self._dim >= products.BLOCKWISE_FEATURES:
             for start, stop in zip(bounds[:-1], bounds[1:]):
                 _add(self._gram[start:stop, :stop], gram[start:stop, :stop], self._unscale2, ok)
